@@ -1,0 +1,43 @@
+# PureBench. `make help` lists the targets; every target sets up .venv itself when needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PUREBENCH := $(VENV)/bin/purebench
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install data bench test test-full lint leaderboard clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## .*$$' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade-strategy only-if-needed -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv (if missing) and install purebench with its dev extras
+
+data: $(STAMP) ## obtain Fashion-MNIST (Debian's dataset-fashion-mnist, else torchvision's download)
+	$(PUREBENCH) data fashion_mnist --download
+
+bench: data ## train or load the default classifiers, evaluate them on Fashion-MNIST, print the leaderboard
+	$(PY) -m bench --multirun classifier=small_cnn,small_cnn_at
+	$(PUREBENCH) leaderboard results --out results
+
+leaderboard: $(STAMP) ## rebuild results/leaderboard.{md,csv} from the records under results/
+	$(PUREBENCH) leaderboard results --out results
+
+test: $(STAMP) ## run the fast tests (no slow, no GPU)
+	$(PY) -m pytest -m "not slow and not gpu"
+
+test-full: $(STAMP) ## run every test, slow ones included
+	$(PY) -m pytest
+
+lint: $(STAMP) ## ruff lint and format check
+	$(VENV)/bin/ruff check bench defenses attacks tests
+	$(VENV)/bin/ruff format --check bench defenses attacks tests
+
+clean: ## remove run outputs (results/runs, results/multiruns); keeps trained classifiers
+	rm -rf results/runs results/multiruns

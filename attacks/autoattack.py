@@ -1,0 +1,123 @@
+"""The original AutoAttack (fra31/auto-attack) through PyPI's ``pyautoattack`` 0.2.0.
+
+This file is the only place that knows pyautoattack's API, which differs from the GitHub version
+(keyword-only constructor, ``attacks=`` for ``attacks_to_run=``, ``batch_size=`` for ``bs=``, an
+``(x_adv, y_adv)`` tuple as result, warnings through ``logging``). Never use torchattacks'
+``AutoAttack`` for reported numbers: it runs 10 iterations where the original runs 100.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from pyautoattack import AutoAttack as _PyAutoAttack
+from torch import Tensor, nn
+
+from attacks.base import check_norm
+
+_VERSIONS = ("standard", "plus", "rand", "custom")
+_SUBATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+
+
+class _Collect(logging.Handler):
+    """Keeps what AutoAttack's checks log at WARNING level, for the run record.
+
+    The checks cover output randomness, zero gradients, Square beating the white-box attacks and
+    optimisation at inference.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+class AutoAttack:
+    r"""AutoAttack in the paper 'Reliable evaluation of adversarial robustness with an ensemble...'.
+
+    'Reliable evaluation of adversarial robustness with an ensemble of diverse parameter-free
+    attacks' [https://arxiv.org/abs/2003.01690]
+
+    ``standard``: APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5,000 queries), each at
+    100 iterations, run as a cascade on the points still robust. ``rand``: APGD-CE and APGD-DLR
+    with EOT over 20 gradient samples, for randomized models. ``custom``: the sub-attacks listed
+    in ``attacks``, optionally with fewer APGD iterations (``n_iter``), for quick checks only.
+
+    Arguments:
+        model (nn.Module): the model view to attack (images in [0, 1] -> logits).
+        norm (str): ``"Linf"`` or ``"L2"``.
+        eps (float): perturbation budget.
+        version (str): ``standard``, ``plus``, ``rand`` or ``custom``. (Default: standard)
+        attacks (list[str] | None): sub-attacks for ``custom`` only.
+        n_iter (int | None): APGD iterations for ``custom`` only (AutoAttack uses 100).
+        seed (int): AutoAttack's seed; without it AutoAttack would seed from the clock.
+        batch_size (int): AutoAttack's batch size.
+
+    Attributes:
+        warnings (list[str]): the warnings AutoAttack's own checks raised in the last call.
+
+    Example:
+        >>> attack = AutoAttack(model, norm="Linf", eps=0.1, version="standard", seed=0)
+        >>> x_adv = attack(x, y)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        norm: str,
+        eps: float,
+        version: str = "standard",
+        attacks: Sequence[str] | None = None,
+        n_iter: int | None = None,
+        seed: int = 0,
+        batch_size: int = 500,
+    ) -> None:
+        check_norm(norm, ("Linf", "L2"), "AutoAttack")
+        if version not in _VERSIONS:
+            raise ValueError(f"AutoAttack version={version!r}; allowed: {', '.join(_VERSIONS)}")
+        if version == "custom":
+            if not attacks:
+                raise ValueError("AutoAttack version='custom' needs a non-empty `attacks` list")
+            unknown = sorted(set(attacks) - set(_SUBATTACKS))
+            if unknown:
+                raise ValueError(
+                    f"unknown AutoAttack sub-attacks {unknown}; allowed: {', '.join(_SUBATTACKS)}"
+                )
+        elif attacks is not None or n_iter is not None:
+            # pyautoattack raises on `attacks` with a preset version; n_iter would silently change
+            # a preset that reported numbers depend on.
+            raise ValueError("`attacks` and `n_iter` are only allowed with version='custom'")
+        self.model, self.norm, self.eps, self.version = model, norm, eps, version
+        self.attacks = list(attacks) if attacks is not None else None
+        self.n_iter, self.seed, self.batch_size = n_iter, seed, batch_size
+        self.warnings: list[str] = []
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        """Run AutoAttack on ``(x, y)`` and return the adversarial images."""
+        # Built per call on the inputs' device: works for parameter-free models and any device.
+        adversary = _PyAutoAttack(
+            self.model,
+            attacks=self.attacks,
+            device=x.device,
+            eps=self.eps,
+            norm=self.norm,
+            seed=self.seed,
+            version=self.version,
+        )
+        if self.n_iter is not None:
+            # pyautoattack exposes no other way to change APGD's iterations for `custom`.
+            adversary.apgd.n_iter = self.n_iter
+            adversary.apgd_targeted.n_iter = self.n_iter
+        collect = _Collect()
+        logger = logging.getLogger("auto-attack")
+        logger.addHandler(collect)
+        try:
+            x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=self.batch_size)
+        finally:
+            logger.removeHandler(collect)
+        self.warnings = collect.messages
+        return x_adv

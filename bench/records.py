@@ -1,0 +1,161 @@
+"""Run records: the JSON every evaluation writes, and the only input of the leaderboard."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench.metrics import Accuracy
+
+SCHEMA_VERSION = 1
+RECORD_NAME = "record.json"
+PER_SAMPLE_NAME = "per_sample.csv"
+_PACKAGES = (
+    "purebench",
+    "torch",
+    "torchvision",
+    "torchattacks",
+    "pyautoattack",
+    "hydra-core",
+    "omegaconf",
+    "numpy",
+    "pandas",
+)
+
+
+@dataclass
+class AttackResult:
+    """One attack of the suite, run on every clean-correct image of the subset.
+
+    Attributes:
+        target: the attack's ``_target_`` (its implementation).
+        robust: accuracy on the subset after this attack alone.
+        n_attacked: images the attack ran on (the clean-correct ones).
+        wall_s: seconds spent in the attack.
+        max_perturbation: largest perturbation norm it returned (threat norm).
+        warnings: what the attack's own checks reported (AutoAttack's flags).
+    """
+
+    target: str
+    robust: Accuracy
+    n_attacked: int
+    wall_s: float
+    max_perturbation: float
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunRecord:
+    """Everything one evaluation produced, written as ``record.json`` in its output dir.
+
+    ``robust`` is the per-sample worst case over the suite: an image counts as robust only if it
+    is classified correctly clean and after every attack.
+    """
+
+    status: str  # "completed" or "failed"
+    choices: dict[str, str]
+    config: dict[str, Any]
+    dataset: str
+    classifier: str
+    defense: str
+    threat: dict[str, Any]
+    n_samples: int
+    indices: list[int]
+    seeds: dict[str, int]
+    device: str
+    started: str
+    finished: str
+    wall_s: float
+    versions: dict[str, str]
+    git: dict[str, Any]
+    classifier_info: dict[str, Any] = field(default_factory=dict)
+    defense_info: dict[str, Any] = field(default_factory=dict)
+    clean: Accuracy | None = None
+    robust: Accuracy | None = None
+    attacks: dict[str, AttackResult] = field(default_factory=dict)
+    per_sample_file: str | None = None
+    error: str | None = None
+    schema: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the record as plain JSON-able data."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
+        """Rebuild a record from :meth:`to_dict` output (or a parsed ``record.json``)."""
+        data = dict(data)
+        for key in ("clean", "robust"):
+            if data.get(key) is not None:
+                data[key] = Accuracy(**data[key])
+        data["attacks"] = {
+            name: AttackResult(**{**res, "robust": Accuracy(**res["robust"])})
+            for name, res in data.get("attacks", {}).items()
+        }
+        return cls(**data)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_record(record: RunRecord, output_dir: Path) -> Path:
+    """Write ``record.json`` into ``output_dir`` atomically and return its path."""
+    path = output_dir / RECORD_NAME
+    write_json_atomic(path, record.to_dict())
+    return path
+
+
+def read_record(path: Path) -> RunRecord:
+    """Read a ``record.json``."""
+    with open(path) as fh:
+        return RunRecord.from_dict(json.load(fh))
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages that decide a result."""
+    versions = {"python": sys.version.split()[0]}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_state(repo: Path | None = None) -> dict[str, Any]:
+    """The commit the harness runs from and whether its tree has uncommitted changes."""
+    repo = repo or Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=repo,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return {"sha": None, "dirty": None}
+    return {"sha": sha, "dirty": dirty}

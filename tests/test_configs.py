@@ -1,0 +1,167 @@
+"""Every YAML under conf/ composes and instantiates, and every one is covered here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from bench.eval import check_threat
+from bench.training import Recipe
+from defenses.base import Defense, DefenseInfo
+from tests.conftest import CONF_DIR
+
+ROOT_CONFIGS = {"eval.yaml", "train.yaml"}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def test_every_yaml_is_covered_by_a_test() -> None:
+    covered_groups = {
+        "dataset",
+        "classifier",
+        "defense",
+        "threat",
+        "dataset_threat",
+        "suite",
+        "attack",
+        "recipe",
+        "paths",
+        "experiment",
+    }
+    for path in CONF_DIR.rglob("*.yaml"):
+        rel = path.relative_to(CONF_DIR)
+        if len(rel.parts) == 1:
+            assert rel.name in ROOT_CONFIGS, f"untested root config {rel}"
+        else:
+            assert rel.parts[0] in covered_groups, f"untested config group {rel.parts[0]}"
+
+
+@pytest.mark.parametrize("name", sorted(ROOT_CONFIGS))
+def test_root_configs_compose_with_defaults(compose_cfg, name: str) -> None:
+    cfg = compose_cfg([], config_name=Path(name).stem)
+    assert cfg.dataset._target_ == "bench.data.fashion_mnist"
+    assert cfg.threat.norm == "Linf" and cfg.threat.eps == 0.1  # Fashion-MNIST's default
+    OmegaConf.to_container(cfg.classifier, resolve=True)
+
+
+@pytest.mark.parametrize("name", options("dataset"))
+def test_dataset_configs(compose_cfg, fabricated_data_root: Path, name: str) -> None:
+    cfg = compose_cfg([f"dataset={name}", f"paths.data_dir={fabricated_data_root}"])
+    dataset = instantiate(cfg.dataset)
+    x, y = dataset.test()
+    assert dataset.name == name
+    assert tuple(x.shape[1:]) == dataset.shape and x.dtype == torch.float32
+    assert 0 <= x.min() and x.max() <= 1 and y.dtype == torch.int64
+    # Every dataset has a standard budget for both norms.
+    for threat in ("linf", "l2"):
+        eps = compose_cfg([f"dataset={name}", f"threat={threat}"]).threat.eps
+        assert 0 < eps <= (1 if threat == "linf" else 10)
+
+
+@pytest.mark.parametrize("name", options("dataset_threat"))
+def test_dataset_threat_configs_apply_to_their_pair(compose_cfg, name: str) -> None:
+    dataset, norm = name.rsplit("_", 1)
+    expected = OmegaConf.load(CONF_DIR / "dataset_threat" / f"{name}.yaml").eps
+    cfg = compose_cfg([f"dataset={dataset}", f"threat={norm}"])
+    assert cfg.threat.eps == expected
+    assert cfg.threat.norm == {"linf": "Linf", "l2": "L2"}[norm]
+    # A named threat carries its own eps whatever the dataset.
+    assert compose_cfg([f"dataset={dataset}", "threat=linf_8"]).threat.eps == pytest.approx(8 / 255)
+
+
+@pytest.mark.parametrize("name", options("threat"))
+def test_threat_configs(compose_cfg, name: str) -> None:
+    cfg = compose_cfg([f"threat={name}"])
+    assert cfg.threat.norm in ("Linf", "L2") and cfg.threat.eps > 0
+
+
+@pytest.mark.parametrize("name", options("classifier"))
+def test_classifier_configs_instantiate(compose_cfg, tmp_path: Path, name: str) -> None:
+    cfg = compose_cfg(
+        [f"classifier={name}", "+classifier.path=unused"]
+        if name == "checkpoint"
+        else [f"classifier={name}"]
+    )
+    source = instantiate(cfg.classifier)
+    assert callable(source.load) and isinstance(source.describe(), dict)
+
+
+@pytest.mark.parametrize("name", options("recipe"))
+def test_recipe_configs(compose_cfg, name: str) -> None:
+    cfg = compose_cfg([f"recipe@classifier.recipe={name}"])
+    recipe = instantiate(cfg.classifier.recipe)
+    assert isinstance(recipe, Recipe) and recipe.epochs >= 1
+    if recipe.adversary is not None:
+        attack = recipe.adversary(torch.nn.Flatten())
+        assert attack.eps == cfg.threat.eps
+
+
+@pytest.mark.parametrize("name", options("defense"))
+def test_defense_configs(compose_cfg, name: str) -> None:
+    defense = instantiate(compose_cfg([f"defense={name}"]).defense)
+    assert isinstance(defense, Defense) and isinstance(type(defense).info, DefenseInfo)
+    x = torch.rand(2, 1, 28, 28)
+    assert defense.purify(x, generator=torch.Generator().manual_seed(0)).shape == x.shape
+
+
+@pytest.mark.parametrize("name", options("suite"))
+def test_suite_configs(compose_cfg, name: str, tiny_model, batch) -> None:
+    cfg = compose_cfg([f"suite={name}", "dataset=digits"])
+    assert cfg.suite.attacks, f"suite {name} has no attacks"
+    for attack_cfg in cfg.suite.attacks.values():
+        assert attack_cfg.eps == cfg.threat.eps and attack_cfg.norm == cfg.threat.norm
+        instantiate(attack_cfg)(model=tiny_model)
+
+
+@pytest.mark.parametrize("threat", ["linf", "l2"])
+@pytest.mark.parametrize("name", options("attack"))
+def test_attack_configs_respect_the_threat(compose_cfg, name, threat, tiny_model, batch) -> None:
+    cfg = compose_cfg(
+        ["suite=pgd", f"attack@suite.attacks.pgd={name}", "dataset=digits", f"threat={threat}"]
+    )
+    node = cfg.suite.attacks.pgd
+    # Fast settings: the contract, not the strength, is tested here.
+    fast = {}
+    if "steps" in node:
+        fast["steps"] = 5
+    if node.get("n_iter") is not None:
+        fast["n_iter"] = 5
+    make = instantiate(node, **fast)
+    if threat == "l2" and name == "fgsm_rs":
+        with pytest.raises(ValueError, match="norm='L2'"):
+            make(model=tiny_model)
+        return
+    if node.get("version") in ("standard", "plus", "rand"):
+        pytest.skip("full AutoAttack presets: test_full_autoattack_presets_respect_the_threat")
+    x, y = batch
+    attack = make(model=tiny_model)
+    x_adv = attack(x, y)
+    check_threat(x, x_adv, node.norm, node.eps, name)
+    with torch.no_grad():
+        assert (tiny_model(x_adv).argmax(1) == y).float().mean() <= (
+            tiny_model(x).argmax(1) == y
+        ).float().mean()
+
+
+def test_paths_default_from_environment(compose_cfg, monkeypatch) -> None:
+    monkeypatch.setenv("PUREBENCH_DATA_DIR", "/somewhere/data")
+    assert compose_cfg([]).paths.data_dir == "/somewhere/data"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["autoattack_standard", "autoattack_rand"])
+def test_full_autoattack_presets_respect_the_threat(compose_cfg, name, tiny_model, batch) -> None:
+    cfg = compose_cfg(["suite=pgd", f"attack@suite.attacks.pgd={name}", "dataset=digits"])
+    node = cfg.suite.attacks.pgd
+    x, y = batch
+    attack = instantiate(node)(model=tiny_model)
+    x_adv = attack(x, y)
+    check_threat(x, x_adv, node.norm, node.eps, name)
+    with torch.no_grad():
+        assert (tiny_model(x_adv).argmax(1) == y).float().mean() < 1.0
