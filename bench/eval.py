@@ -282,8 +282,8 @@ def _execute(cfg: DictConfig, p: _Plan, record: RunRecord, output_dir: Path) -> 
 
     clean_pred = _predict(view, x, batch_size, p.device)
     clean_ok = clean_pred == y
-    record.clean = Accuracy.from_counts(int(clean_ok.sum()), len(y))
-    log.info("clean accuracy %.2f%% on %d images", 100 * record.clean.value, len(y))
+    record.clean_acc = Accuracy.from_counts(int(clean_ok.sum()), len(y))
+    log.info("clean accuracy %.2f%% on %d images", 100 * record.clean_acc.value, len(y))
 
     table = pd.DataFrame(
         {
@@ -312,7 +312,7 @@ def _execute(cfg: DictConfig, p: _Plan, record: RunRecord, output_dir: Path) -> 
         robust_ok &= ok
         record.attacks[name] = AttackResult(
             target=str(cfg.suite.attacks[name]._target_),
-            robust=Accuracy.from_counts(int(ok.sum()), len(y)),
+            robust_acc=Accuracy.from_counts(int(ok.sum()), len(y)),
             n_attacked=len(targets),
             wall_s=time.perf_counter() - t0,
             max_perturbation=worst,
@@ -321,18 +321,18 @@ def _execute(cfg: DictConfig, p: _Plan, record: RunRecord, output_dir: Path) -> 
         table[f"{name}_correct"] = ok.numpy()
         result = record.attacks[name]
         log.info(
-            "%s: robust accuracy %.2f%% (%.0f s)", name, 100 * result.robust.value, result.wall_s
+            "%s: robust accuracy %.2f%% (%.0f s)", name, 100 * result.robust_acc.value, result.wall_s
         )
         for w in warnings:
             log.warning("%s: %s", name, w)
     table["robust"] = robust_ok.numpy()
-    record.robust = Accuracy.from_counts(int(robust_ok.sum()), len(y))
+    record.robust_acc = Accuracy.from_counts(int(robust_ok.sum()), len(y))
     table.to_csv(output_dir / PER_SAMPLE_NAME, index=False)
     record.per_sample_file = PER_SAMPLE_NAME
     log.info(
         "robust accuracy (worst case over %s): %.2f%%",
         ", ".join(p.attacks),
-        100 * record.robust.value,
+        100 * record.robust_acc.value,
     )
 
 

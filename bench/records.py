@@ -36,7 +36,7 @@ class AttackResult:
 
     Attributes:
         target: the attack's ``_target_`` (its implementation).
-        robust: accuracy on the subset after this attack alone.
+        robust_acc: accuracy on the subset after this attack alone.
         n_attacked: images the attack ran on (the clean-correct ones).
         wall_s: seconds spent in the attack.
         max_perturbation: largest perturbation norm it returned (threat norm).
@@ -44,7 +44,7 @@ class AttackResult:
     """
 
     target: str
-    robust: Accuracy
+    robust_acc: Accuracy
     n_attacked: int
     wall_s: float
     max_perturbation: float
@@ -77,8 +77,8 @@ class RunRecord:
     git: dict[str, Any]
     classifier_info: dict[str, Any] = field(default_factory=dict)
     defense_info: dict[str, Any] = field(default_factory=dict)
-    clean: Accuracy | None = None
-    robust: Accuracy | None = None
+    clean_acc: Accuracy | None = None
+    robust_acc: Accuracy | None = None
     attacks: dict[str, AttackResult] = field(default_factory=dict)
     per_sample_file: str | None = None
     error: str | None = None
@@ -92,11 +92,11 @@ class RunRecord:
     def from_dict(cls, data: dict[str, Any]) -> RunRecord:
         """Rebuild a record from :meth:`to_dict` output (or a parsed ``record.json``)."""
         data = dict(data)
-        for key in ("clean", "robust"):
+        for key in ("clean_acc", "robust_acc"):
             if data.get(key) is not None:
                 data[key] = Accuracy(**data[key])
         data["attacks"] = {
-            name: AttackResult(**{**res, "robust": Accuracy(**res["robust"])})
+            name: AttackResult(**{**res, "robust_acc": Accuracy(**res["robust_acc"])})
             for name, res in data.get("attacks", {}).items()
         }
         return cls(**data)

@@ -33,22 +33,22 @@ def test_end_to_end_on_digits(compose_cfg, cache_dir: Path, tmp_path: Path) -> N
     assert saved["classifier_info"]["kind"] == "trained"
     assert saved["classifier_info"]["training"]["test_clean_acc"] > 0.8
 
-    assert record.clean.value > 0.8
+    assert record.clean_acc.value > 0.8
     assert set(record.attacks) == {"pgd", "apgd_ce"}
     for result in record.attacks.values():
-        assert result.robust.value <= record.clean.value
+        assert result.robust_acc.value <= record.clean_acc.value
         assert result.max_perturbation <= 0.1 + 1e-6
-        assert result.n_attacked == round(record.clean.value * 64)
+        assert result.n_attacked == round(record.clean_acc.value * 64)
     # The suite's robust accuracy is the per-sample worst case over its attacks.
     samples = pd.read_csv(out / "per_sample.csv")
     assert len(samples) == 64
     worst = samples["clean_correct"] & samples["pgd_correct"] & samples["apgd_ce_correct"]
     assert (samples["robust"] == worst).all()
-    assert record.robust.value == worst.mean()
-    assert record.robust.value <= min(a.robust.value for a in record.attacks.values())
-    assert record.robust.low <= record.robust.value <= record.robust.high
+    assert record.robust_acc.value == worst.mean()
+    assert record.robust_acc.value <= min(a.robust_acc.value for a in record.attacks.values())
+    assert record.robust_acc.low <= record.robust_acc.value <= record.robust_acc.high
     # The undefended digits classifier falls under eps=0.1.
-    assert record.robust.value < record.clean.value - 0.2
+    assert record.robust_acc.value < record.clean_acc.value - 0.2
 
 
 def record_n_test() -> int:
@@ -61,7 +61,7 @@ def test_same_images_and_numbers_when_repeated(compose_cfg, cache_dir: Path, tmp
     a = run(compose_cfg, cache_dir, tmp_path / "a")
     b = run(compose_cfg, cache_dir, tmp_path / "b")
     assert a.indices == b.indices
-    assert a.clean == b.clean and a.robust == b.robust
+    assert a.clean_acc == b.clean_acc and a.robust_acc == b.robust_acc
     assert a.classifier_info["cache_key"] == b.classifier_info["cache_key"]
 
 
@@ -123,7 +123,7 @@ def test_broken_attack_fails_the_run_with_a_complete_record(
     saved = json.loads((out / "record.json").read_text())
     assert saved["status"] == "failed"
     assert match in saved["error"] and "ThreatModelViolation" in saved["error"]
-    assert saved["robust"] is None
+    assert saved["robust_acc"] is None
 
 
 @pytest.mark.parametrize("norm", ["Linf", "L2"])

@@ -38,8 +38,8 @@ def make_record(
         wall_s=1.0,
         versions={},
         git={},
-        clean=Accuracy.from_counts(clean, n) if status == "completed" else None,
-        robust=Accuracy.from_counts(robust, n) if robust is not None else None,
+        clean_acc=Accuracy.from_counts(clean, n) if status == "completed" else None,
+        robust_acc=Accuracy.from_counts(robust, n) if robust is not None else None,
         attacks={
             k: AttackResult("t", Accuracy.from_counts(v, n), n, 0.1, eps)
             for k, v in attacks.items()
@@ -93,7 +93,7 @@ def test_pure_function_and_files(tmp_path: Path) -> None:
     assert "| fashion_mnist" in text and "Linf 0.1" in text
     assert csv.read_text().splitlines()[0].startswith("dataset,threat,classifier,defense,clean")
     assert (
-        json.loads((tmp_path / "runs" / "1" / "record.json").read_text())["robust"]["value"] == 0.4
+        json.loads((tmp_path / "runs" / "1" / "record.json").read_text())["robust_acc"]["value"] == 0.4
     )
 
 
