@@ -53,6 +53,7 @@ class AutoAttack:
         version (str): ``standard``, ``plus``, ``rand`` or ``custom``. (Default: standard)
         attacks (list[str] | None): sub-attacks for ``custom`` only.
         n_iter (int | None): APGD iterations for ``custom`` only (AutoAttack uses 100).
+        n_queries (int | None): Square queries for ``custom`` only (AutoAttack uses 5,000).
         seed (int): AutoAttack's seed; without it AutoAttack would seed from the clock.
         batch_size (int): AutoAttack's batch size.
 
@@ -73,6 +74,7 @@ class AutoAttack:
         version: str = "standard",
         attacks: Sequence[str] | None = None,
         n_iter: int | None = None,
+        n_queries: int | None = None,
         seed: int = 0,
         batch_size: int = 500,
     ) -> None:
@@ -87,14 +89,34 @@ class AutoAttack:
                 raise ValueError(
                     f"unknown AutoAttack sub-attacks {unknown}; allowed: {', '.join(_SUBATTACKS)}"
                 )
-        elif attacks is not None or n_iter is not None:
-            # pyautoattack raises on `attacks` with a preset version; n_iter would silently change
-            # a preset that reported numbers depend on.
-            raise ValueError("`attacks` and `n_iter` are only allowed with version='custom'")
+        elif attacks is not None or n_iter is not None or n_queries is not None:
+            # pyautoattack raises on `attacks` with a preset version; n_iter and n_queries would
+            # silently change a preset that reported numbers depend on.
+            raise ValueError(
+                "`attacks`, `n_iter` and `n_queries` are only allowed with version='custom'"
+            )
+        for key, value in (("n_iter", n_iter), ("n_queries", n_queries)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"AutoAttack {key}={value!r} must be a positive integer or null")
+            if value is not None and value < 1:
+                raise ValueError(f"AutoAttack {key}={value!r} must be a positive integer or null")
         self.model, self.norm, self.eps, self.version = model, norm, eps, version
         self.attacks = list(attacks) if attacks is not None else None
-        self.n_iter, self.seed, self.batch_size = n_iter, seed, batch_size
+        self.n_iter, self.n_queries = n_iter, n_queries
+        self.seed, self.batch_size = seed, batch_size
         self.warnings: list[str] = []
+
+    returns_best = True  # APGD, FAB and Square keep the best point they found
+
+    @property
+    def kind(self) -> str:
+        """``black-box`` for Square alone, else ``white-box`` (gradient attacks lead)."""
+        return "black-box" if self.attacks == ["square"] else "white-box"
+
+    @property
+    def internal_eot(self) -> int:
+        """Gradient samples AutoAttack averages itself (``rand``: 20), 1 otherwise."""
+        return 20 if self.version == "rand" else 1
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         """Run AutoAttack on ``(x, y)`` and return the adversarial images."""
@@ -112,6 +134,8 @@ class AutoAttack:
             # pyautoattack exposes no other way to change APGD's iterations for `custom`.
             adversary.apgd.n_iter = self.n_iter
             adversary.apgd_targeted.n_iter = self.n_iter
+        if self.n_queries is not None:
+            adversary.square.n_queries = self.n_queries
         collect = _Collect()
         logger = logging.getLogger("auto-attack")
         logger.addHandler(collect)

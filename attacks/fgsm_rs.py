@@ -27,6 +27,9 @@ class FGSMRS:
         >>> x_adv = FGSMRS(model, norm="Linf", eps=0.1)(x, y)
     """
 
+    kind = "white-box"
+    returns_best = False
+
     def __init__(self, model: nn.Module, *, norm: str, eps: float, rel_stepsize: float = 1.25):
         check_norm(norm, ("Linf",), "FGSM-RS")
         self.norm, self.eps, self.alpha = norm, eps, rel_stepsize * eps

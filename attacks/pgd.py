@@ -34,6 +34,9 @@ class PGD:
         >>> x_adv = attack(x, y)
     """
 
+    kind = "white-box"
+    returns_best = False  # torchattacks returns the last iterate
+
     def __init__(
         self,
         model: nn.Module,

@@ -1,28 +1,302 @@
-"""The model attacks see: the classifier after the defense, as one ``nn.Module``."""
+"""The model attacks see: the classifier after the defense, as one ``nn.Module``.
+
+Attacks never see a defense. They see an :class:`AttackView` whose forward pass is the real
+defended classifier and whose backward pass follows the configured gradient mode:
+
+* ``exact``: autograd through the whole purifier (optionally with gradient checkpointing);
+* ``bpda``: forward through ``purify``, backward through ``defense.approx`` (Athalye et al.);
+* ``surrogate``: forward through ``purify``, backward through ``defense.surrogate``, a cheaper
+  configuration of the same purifier (Lee & Kim 2023);
+* ``transfer``: the bare classifier; adversarial examples crafted on it are judged on the
+  defense (Croce et al. 2022's transfer baseline).
+
+EOT sits on top of any mode: ``eot_samples`` purifications per forward, averaged on the logits
+(``forward``) or handed to the harness's own attacks one by one (``sample_logits``) so that they
+average the loss. Randomness is either fresh per call (the default white-box attacker, who does
+not know the test-time seed) or ``known``: a fixed set of seeds the attacker receives and the
+evaluation reuses (the deterministic white-box setting of Liu et al., ICLR 2025).
+
+The view also counts passes, checks every purified image, logit and input gradient for NaN or
+inf, and names the defense and the stage when one appears.
+"""
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
-from defenses.base import Defense
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from bench.errors import ConfigError, NonFiniteError
+from defenses.base import Defense, has_own_predict
+
+GRAD_MODES = ("exact", "bpda", "surrogate", "transfer")
+EOT_REDUCTIONS = ("logits", "loss")
+RANDOMNESS = ("fresh", "known")
+_SEED_HIGH = 2**62
+
+
+@dataclass(frozen=True)
+class ViewOptions:
+    """How attacks differentiate and average the defended classifier.
+
+    Attributes:
+        grad: ``exact``, ``bpda``, ``surrogate`` or ``transfer``.
+        eot_samples: purifications per forward (EOT); ``None`` lets the runner choose (1 for a
+            deterministic defense, ``eot_default`` for a stochastic one).
+        eot_reduce: ``logits`` (average logits inside the view) or ``loss`` (the harness's
+            attacks average per-sample losses over ``sample_logits``; library attacks, which
+            only see ``forward``, still get averaged logits).
+        randomness: ``fresh`` seeds on every call, or ``known``: the attacker receives the
+            evaluation's seeds.
+        checkpoint: recompute the purifier in the backward pass instead of storing its graph.
+        chunk: EOT samples purified per call (``None``: chosen per device: one at a time on CPU,
+            where K batches of B measured faster than one batch of K*B; all at once on GPU).
+        allow_masked: permit ``exact`` on a defense that declares itself non-differentiable
+            (only to demonstrate gradient masking).
+    """
+
+    grad: str = "exact"
+    eot_samples: int | None = None
+    eot_reduce: str = "logits"
+    randomness: str = "fresh"
+    checkpoint: bool = False
+    chunk: int | None = None
+    allow_masked: bool = False
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the bad field and the allowed values."""
+        for name, value, allowed in (
+            ("grad", self.grad, GRAD_MODES),
+            ("eot_reduce", self.eot_reduce, EOT_REDUCTIONS),
+            ("randomness", self.randomness, RANDOMNESS),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"view {name}={value!r} is not allowed; allowed: {allowed}")
+        for name, value in (("eot_samples", self.eot_samples), ("chunk", self.chunk)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"view {name}={value!r} must be a positive integer or null")
+            if value is not None and value < 1:
+                raise ConfigError(f"view {name}={value!r} must be a positive integer or null")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the run record."""
+        return asdict(self)
+
+
+@dataclass
+class PassCounter:
+    """Images pushed through the view, counted per EOT sample.
+
+    Attributes:
+        forward: classifier forward passes (images).
+        backward: backward passes reaching the input (images).
+        purify: calls of the purifier (images), forward only; multiply by the defense's
+            ``purifier_calls`` for network evaluations.
+    """
+
+    forward: int = 0
+    backward: int = 0
+    purify: int = 0
+
+    def reset(self) -> None:
+        """Start counting from zero."""
+        self.forward = self.backward = self.purify = 0
+
+    def snapshot(self) -> dict[str, int]:
+        """The counts as a dict."""
+        return {"forward": self.forward, "backward": self.backward, "purify": self.purify}
+
+
+def auto_chunk(device: torch.device, eot_samples: int) -> int:
+    """EOT samples per purifier call for a device (one at a time on CPU, all at once on GPU)."""
+    return eot_samples if device.type == "cuda" else 1
 
 
 class AttackView(nn.Module):
     """``classifier(defense.purify(x))`` as a plain module mapping images in [0, 1] to logits.
 
-    Attacks never see the defense itself, so torchattacks and pyautoattack run on this view
-    unchanged. Gradients flow exactly through ``purify`` (autograd through the whole purifier).
+    torchattacks, pyautoattack and the harness's own attacks run on this view unchanged. The
+    harness's attacks also use two optional methods found here by duck typing:
+    :meth:`sample_logits` (per-EOT-sample logits, for loss averaging) and :meth:`defense_loss`
+    (the defense-aware loss term).
 
     Args:
         classifier: maps images in [0, 1] to logits.
         defense: the purifier applied first.
+        options: gradient mode, EOT and randomness (:class:`ViewOptions`); ``eot_samples`` must
+            be resolved (not ``None``).
+        seed: seeds the stream of per-purification seeds (``fresh``) or the fixed seed set
+            (``known``).
+        name: the defense's name in error messages.
     """
 
-    def __init__(self, classifier: nn.Module, defense: Defense) -> None:
+    def __init__(
+        self,
+        classifier: nn.Module,
+        defense: Defense,
+        options: ViewOptions | None = None,
+        *,
+        seed: int = 0,
+        name: str | None = None,
+    ) -> None:
         super().__init__()
+        options = options or ViewOptions(eot_samples=1)
+        if options.eot_samples is None:
+            options = replace(options, eot_samples=1)
+        options.validate()
+        info = type(defense).info
+        if options.grad == "exact" and not info.differentiable and not options.allow_masked:
+            raise ConfigError(
+                f"grad=exact on {type(defense).__name__}, which declares itself "
+                "non-differentiable: use grad=bpda or grad=surrogate (or allow_masked=true to "
+                "demonstrate gradient masking)"
+            )
         self.classifier = classifier
         self.defense = defense
+        self.options = options
+        self.name = name or type(defense).__name__
+        self.stage = "evaluation"
+        self.counter = PassCounter()
+        self.seed = seed
+        self._seeds = torch.Generator().manual_seed(seed)
+        self._known = self._draw_seeds(options.eot_samples)
+        self._own_predict = has_own_predict(defense)
+
+    # -- randomness ------------------------------------------------------------------------
+
+    def _draw_seeds(self, n: int) -> list[int]:
+        return torch.randint(0, _SEED_HIGH, (n,), generator=self._seeds).tolist()
+
+    def reseed(self, seed: int) -> None:
+        """Restart the seed stream (and, for ``known`` randomness, the fixed seed set)."""
+        self.seed = seed
+        self._seeds = torch.Generator().manual_seed(seed)
+        self._known = self._draw_seeds(self.eot_samples)
+
+    @property
+    def known_seeds(self) -> list[int]:
+        """The seed set a ``known``-randomness attacker receives (one per EOT sample)."""
+        return list(self._known)
+
+    @property
+    def eot_samples(self) -> int:
+        """Purifications averaged per forward."""
+        return int(self.options.eot_samples or 1)
+
+    def _call_seeds(self) -> list[int]:
+        if self.options.randomness == "known":
+            return self.known_seeds
+        return self._draw_seeds(self.eot_samples)
+
+    # -- the forward pass ------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        """Return the logits of the defended classifier on ``x``."""
-        return self.classifier(self.defense.purify(x))
+        """Logits of the defended classifier on ``x``, averaged over the EOT samples."""
+        return self.sample_logits(x).mean(0)
+
+    def sample_logits(self, x: Tensor) -> Tensor:
+        """Logits per EOT sample, shape ``(eot_samples, N, num_classes)``."""
+        if x.requires_grad and torch.is_grad_enabled():
+            x.register_hook(self._check_grad)
+        seeds = self._call_seeds()
+        chunk = self.options.chunk or auto_chunk(x.device, len(seeds))
+        out = []
+        for i in range(0, len(seeds), chunk):
+            part = seeds[i : i + chunk]
+            # One purifier call on len(part) stacked copies: a single generator, seeded by the
+            # first seed of the chunk, draws different noise for every copy.
+            xs = x.repeat(len(part), *([1] * (x.dim() - 1))) if len(part) > 1 else x
+            logits = self._logits(xs, part[0])
+            out.append(logits.view(len(part), len(x), -1))
+        return torch.cat(out)
+
+    def defense_loss(self, x: Tensor) -> Tensor | None:
+        """The defense-aware loss term (per image) the defense offers, or ``None``."""
+        term = self.defense.attack_loss(x)
+        if term is not None:
+            self._check(term, "its attack_loss")
+        return term
+
+    def _generator(self, seed: int, device: torch.device) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def _purify(self, x: Tensor, seed: int) -> Tensor:
+        def run(inp: Tensor) -> Tensor:
+            # A fresh generator from the seed on every call, so that checkpointing's
+            # recomputation in the backward pass draws exactly the noise of the forward pass.
+            return self.defense.purify(inp, generator=self._generator(seed, inp.device))
+
+        if self.options.checkpoint and x.requires_grad and torch.is_grad_enabled():
+            return checkpoint(run, x, use_reentrant=False)
+        return run(x)
+
+    def _logits(self, x: Tensor, seed: int) -> Tensor:
+        mode = self.options.grad
+        n = len(x)
+        self.counter.forward += n
+        if mode == "transfer":
+            logits = self.classifier(x)
+            self._check(logits, "the classifier's logits")
+            return logits
+        self.counter.purify += n
+        needs_grad = x.requires_grad and torch.is_grad_enabled()
+        if self._own_predict:
+            return self._predict_logits(x, seed, mode if needs_grad else "exact")
+        if mode == "exact" or not needs_grad:
+            purified = self._purify(x, seed)
+        else:
+            with torch.no_grad():
+                real = self._purify(x, seed)
+            if mode == "bpda":
+                stand_in = self.defense.approx(x)
+            else:
+                stand_in = self.defense.surrogate(x, generator=self._generator(seed, x.device))
+            self._check(stand_in, f"its {mode} stand-in")
+            # Forward value of the real purifier, gradient of the stand-in.
+            purified = stand_in + (real - stand_in).detach()
+        self._check(purified, "purified images")
+        logits = self.classifier(purified)
+        self._check(logits, "the classifier's logits")
+        return logits
+
+    def _predict_logits(self, x: Tensor, seed: int, mode: str) -> Tensor:
+        """Defenses with their own decision (CARSO): BPDA and surrogate act on the logits."""
+        generator = self._generator(seed, x.device)
+        if mode == "exact":
+            logits = self.defense.predict(self.classifier, x, generator=generator)
+        else:
+            with torch.no_grad():
+                real = self.defense.predict(self.classifier, x, generator=generator)
+            if mode == "bpda":
+                stand_in = self.classifier(self.defense.approx(x))
+            else:
+                stand_in = self.classifier(
+                    self.defense.surrogate(x, generator=self._generator(seed, x.device))
+                )
+            logits = stand_in + (real - stand_in).detach()
+        self._check(logits, "the defense's logits")
+        return logits
+
+    # -- checks ----------------------------------------------------------------------------
+
+    def _check(self, t: Tensor, what: str) -> None:
+        if not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t)).sum().item()
+            raise NonFiniteError(
+                f"defense {self.name!r} gave NaN or inf in {what} ({bad} values) during "
+                f"{self.stage} (grad={self.options.grad})"
+            )
+
+    def _check_grad(self, grad: Tensor) -> Tensor:
+        # One backward through the view runs through every EOT sample.
+        self.counter.backward += len(grad) * self.eot_samples
+        self._check(grad, "the input gradient")
+        return grad
+
+    def extra_repr(self) -> str:
+        """Gradient mode, EOT and randomness, for ``print(view)``."""
+        o = self.options
+        return f"defense={self.name}, grad={o.grad}, eot={o.eot_samples}, randomness={o.randomness}"

@@ -25,3 +25,7 @@ class CheckpointError(PureBenchError, ValueError):
 
 class ThreatModelViolation(PureBenchError, RuntimeError):
     """An attack returned a point outside the threat model (beyond eps or outside [0, 1])."""
+
+
+class NonFiniteError(PureBenchError, FloatingPointError):
+    """NaN or inf in purified images, logits or gradients: the batch fails, never a number."""

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from attacks.base import NORMS, Attack
-from bench.attack_view import AttackView
+from bench.attack_view import AttackView, ViewOptions
 from bench.config import CONF_DIR
 from bench.data import ImageDataset, eval_subset
 from bench.devices import resolve_device
+from bench.diagnostics import DiagnosisInput, DiagnosticsConfig, diagnose, verdict
 from bench.errors import ConfigError, PureBenchError, ThreatModelViolation
-from bench.metrics import Accuracy
 from bench.records import (
     PER_SAMPLE_NAME,
     AttackResult,
@@ -45,6 +46,7 @@ from bench.records import (
     package_versions,
     write_record,
 )
+from bench.robust_eval import RULES, SUCCESS_AT, Judge, Ledger, Stage, locked_predictions
 from defenses.base import Defense
 
 log = logging.getLogger(__name__)
@@ -61,10 +63,35 @@ class _Plan:
     classifier: Any  # a bench.classifiers.ClassifierSource
     defense: Defense
     attacks: dict[str, Callable[..., Attack]]
+    views: dict[str, ViewOptions]
+    kinds: dict[str, str]
+    returns_best: dict[str, bool]
     indices: Tensor
     device: torch.device
     norm: str
     eps: float
+    decision: Decision
+    cascade: bool
+    diagnostics: DiagnosticsConfig
+    warnings: list[str]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How judged images are counted (see :mod:`bench.robust_eval`).
+
+    Attributes:
+        draws: fresh purifications per judged image (1 for a deterministic defense).
+        vote: ``K`` of the majority-vote rule.
+        headline: the rule behind ``clean_acc`` / ``robust_acc``.
+        success_at: ``final`` (judge the returned point) or ``any`` (an iterate an attack saw
+            fooled counts too).
+    """
+
+    draws: int
+    vote: int
+    headline: str
+    success_at: str
 
 
 class _Probe(torch.nn.Module):
@@ -79,7 +106,7 @@ class _Probe(torch.nn.Module):
 
 
 def _positive_int(cfg: DictConfig, key: str) -> int:
-    value = cfg[key]
+    value = OmegaConf.select(cfg, key)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{key}={value!r} is not allowed; it must be a positive integer")
     return value
@@ -115,6 +142,72 @@ def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
         raise ConfigError(f"cannot build the {what} from its config: {err}") from err
 
 
+def _view_options(
+    cfg: DictConfig, name: str, attack: Any, defense: Defense, warnings: list[str]
+) -> ViewOptions:
+    """The run's ``view`` defaults, overridden by ``suite.views.<name>``, with EOT resolved."""
+    merged = OmegaConf.to_container(cfg.get("view", {}), resolve=True)
+    own = cfg.suite.get("views", {}).get(name, {})
+    merged.update(OmegaConf.to_container(own, resolve=True) if own else {})
+    allowed = {f.name for f in fields(ViewOptions)}
+    unknown = sorted(set(merged) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"view options {unknown} for attack {name!r} are not allowed; allowed: "
+            f"{', '.join(sorted(allowed))}"
+        )
+    options = ViewOptions(**merged)
+    options.validate()
+    internal_eot = int(getattr(attack, "internal_eot", 1) or 1)
+    if options.eot_samples is None:
+        stochastic = type(defense).info.stochastic and options.grad != "transfer"
+        # An attack that averages gradients itself (AutoAttack rand's eot_iter) gets a plain view.
+        auto = _positive_int(cfg, "eot_default") if stochastic and internal_eot == 1 else 1
+        options = replace(options, eot_samples=auto)
+    elif options.eot_samples > 1 and internal_eot > 1:
+        msg = (
+            f"attack {name!r} averages {internal_eot} gradients itself and its view averages "
+            f"{options.eot_samples} purifications: {internal_eot * options.eot_samples} "
+            "purifications per step, two different EOT estimators stacked"
+        )
+        log.warning(msg)
+        warnings.append(msg)
+    return options
+
+
+def _decision(cfg: DictConfig, defense: Defense) -> Decision:
+    node = cfg.get("decision", {})
+    info = type(defense).info
+    draws = _positive_int(cfg, "decision.draws")
+    draws = draws if info.stochastic else 1  # every draw of a deterministic defense is the same
+    vote = node.get("vote")
+    if vote is None:
+        vote = min(info.vote, draws) if info.vote else draws
+    if isinstance(vote, bool) or not isinstance(vote, int) or not 1 <= vote <= draws:
+        raise ConfigError(
+            f"decision.vote={vote!r} is not allowed; it must be an integer in [1, draws={draws}]"
+        )
+    headline = node.get("headline", "auto")
+    if headline not in ("auto", *RULES):
+        raise ConfigError(
+            f"decision.headline={headline!r} is not allowed; allowed: auto, {', '.join(RULES)}"
+        )
+    if headline == "auto":
+        headline = "single" if not info.stochastic else ("vote" if info.vote else "avg")
+    success_at = node.get("success_at", "final")
+    if success_at not in SUCCESS_AT:
+        raise ConfigError(
+            f"decision.success_at={success_at!r} is not allowed; allowed: {', '.join(SUCCESS_AT)}"
+        )
+    return Decision(draws=draws, vote=vote, headline=headline, success_at=success_at)
+
+
+def _kind(attack: Any, options: ViewOptions) -> str:
+    if options.grad == "transfer":
+        return "transfer"
+    return str(getattr(attack, "kind", "white-box"))
+
+
 def plan(cfg: DictConfig) -> _Plan:
     """Validate ``cfg`` and instantiate every cheap part of the run (no training, no attack)."""
     norm, eps = _threat(cfg)
@@ -123,7 +216,16 @@ def plan(cfg: DictConfig) -> _Plan:
     device = resolve_device(str(cfg.device))
     if not cfg.suite.get("attacks"):
         raise ConfigError("the suite has no attacks; pick one with suite=<name>")
-    attacks = {}
+    unknown_views = sorted(set(cfg.suite.get("views", {}) or {}) - set(cfg.suite.attacks))
+    if unknown_views:
+        raise ConfigError(
+            f"suite.views names {unknown_views}, which are not attacks of the suite; attacks: "
+            f"{', '.join(cfg.suite.attacks)}"
+        )
+    defense = _instantiate(cfg.defense, "defense")
+    if not isinstance(defense, Defense):
+        raise ConfigError(f"defense config builds {type(defense).__name__}, not a defenses.Defense")
+    attacks, views, kinds, returns_best, warnings = {}, {}, {}, {}, []
     for name, node in cfg.suite.attacks.items():
         if node.get("norm", norm) != norm:
             raise ConfigError(
@@ -132,16 +234,36 @@ def plan(cfg: DictConfig) -> _Plan:
             )
         attacks[name] = _instantiate(node, f"attack {name!r}")
         try:  # constructors validate their arguments: bind to a stand-in model to run them now
-            attacks[name](model=_Probe())
+            probe = attacks[name](model=_Probe())
         except (TypeError, ValueError) as err:
             raise ConfigError(f"attack {name!r}: {err}") from err
+        views[name] = _view_options(cfg, name, probe, defense, warnings)
+        kinds[name] = _kind(probe, views[name])
+        returns_best[name] = bool(getattr(probe, "returns_best", True))
+        AttackView(_Probe(), defense, views[name])  # refuses grad=exact on a masked defense
+    decision = _decision(cfg, defense)
+    diagnostics = DiagnosticsConfig.from_cfg(cfg.get("diagnostics"))
     dataset = _instantiate(cfg.dataset, "dataset")
-    defense = _instantiate(cfg.defense, "defense")
-    if not isinstance(defense, Defense):
-        raise ConfigError(f"defense config builds {type(defense).__name__}, not a defenses.Defense")
     classifier = _instantiate(cfg.classifier, "classifier")
     indices = eval_subset(dataset.n_test, n_samples, cfg.subset_seed)
-    return _Plan(dataset, classifier, defense, attacks, indices, device, norm, eps)
+    cascade = bool(cfg.suite.get("cascade", True))
+    return _Plan(
+        dataset,
+        classifier,
+        defense,
+        attacks,
+        views,
+        kinds,
+        returns_best,
+        indices,
+        device,
+        norm,
+        eps,
+        decision,
+        cascade,
+        diagnostics,
+        warnings,
+    )
 
 
 def check_threat(x: Tensor, x_adv: Tensor, norm: str, eps: float, attack: str) -> float:
@@ -170,44 +292,75 @@ def check_threat(x: Tensor, x_adv: Tensor, norm: str, eps: float, attack: str) -
     return worst
 
 
-@torch.inference_mode()
-def _predict(view: AttackView, x: Tensor, batch_size: int, device: torch.device) -> Tensor:
-    preds = [
-        view(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)
-    ]
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+def evaluation_seed(seed: int) -> int:
+    """The evaluator's seed stream, separate from every attacker's."""
+    return seed * 1_000_003 + 999_983
+
+
+def attack_seeds(seed: int, k: int) -> dict[str, int]:
+    """Seeds of the ``k``-th attack: its own (random starts) and its view's purifications."""
+    return {"attack": seed * 1000 + k, "view": seed * 1_000_003 + k + 1}
+
+
+@dataclass
+class _AttackOutput:
+    preds: Tensor  # (draws, n_attacked) judged classes
+    worst: float
+    warnings: list[str]
+    believed: Tensor | None  # attack view's own prediction (approximate-gradient attacks)
+    on_path: Tensor | None  # fooled at some iterate, as the attack saw it
 
 
 def _run_attack(
     name: str,
-    make: Callable[..., Attack],
+    attack: Attack,
     view: AttackView,
+    judge: Judge,
     x: Tensor,
     y: Tensor,
     *,
     plan_: _Plan,
     batch_size: int,
-    seed: int,
-) -> tuple[Tensor, float, list[str]]:
-    """Run one attack over ``x`` in batches.
-
-    Returns:
-        Predictions on the adversarial images, the largest perturbation, the attack's warnings.
-    """
-    attack = make(model=view)
-    # torchattacks draws random starts from torch's global generator; seed it per attack so a
-    # run is reproducible and attacks do not depend on their order in the suite.
-    torch.manual_seed(seed)
-    preds, worst, warnings = [], 0.0, []
+) -> _AttackOutput:
+    """Run one attack over ``x`` in batches and judge every adversarial batch."""
+    preds, believed, on_path, worst, warnings = [], [], [], 0.0, []
+    known = view.options.randomness == "known"
+    # What the attack's own view believes, to measure transfer failure (approximate gradients)
+    # and to confirm that locked noise judges exactly as the attacker saw.
+    want_belief = view.options.grad != "exact" or known
+    track_path = plan_.decision.success_at == "any"
     for i in tqdm(range(0, len(x), batch_size), desc=name, leave=False, disable=None):
         xb = x[i : i + batch_size].to(plan_.device)
         yb = y[i : i + batch_size].to(plan_.device)
         x_adv = attack(xb, yb).detach()
         worst = max(worst, check_threat(xb, x_adv, plan_.norm, plan_.eps, name))
-        with torch.inference_mode():
-            preds.append(view(x_adv).argmax(1).cpu())
+        # Known randomness: the batch the attack saw is judged with the noise it was given.
+        if known:
+            preds.append(locked_predictions(view, x_adv, plan_.decision.draws))
+        else:
+            preds.append(judge.predictions(x_adv, plan_.device))
+        if want_belief:
+            with torch.inference_mode():
+                believed.append(view(x_adv).argmax(1).cpu())
+        path = getattr(attack, "fooled_any", None)
+        if track_path and isinstance(path, Tensor) and len(path) == len(xb):
+            on_path.append(path.cpu().bool())
         warnings += [w for w in getattr(attack, "warnings", []) if w not in warnings]
-    return (torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)), worst, warnings
+    draws = plan_.decision.draws
+    return _AttackOutput(
+        preds=torch.cat(preds, 1) if preds else torch.empty(draws, 0, dtype=torch.long),
+        worst=worst,
+        warnings=warnings,
+        believed=torch.cat(believed) if believed else None,
+        on_path=torch.cat(on_path) if on_path and len(on_path) == len(preds) else None,
+    )
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is in KiB on Linux: the process's high-water mark, not this attack's alone.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def evaluate(
@@ -239,6 +392,7 @@ def evaluate(
         for key, node in cfg.items()
         if key != "hydra"
     }
+    seed = int(cfg.seed)
     record = RunRecord(
         status="failed",
         choices={k: v for k, v in choices.items() if not k.startswith("hydra/")},
@@ -249,7 +403,12 @@ def evaluate(
         threat={"norm": p.norm, "eps": p.eps, "name": choices.get("threat")},
         n_samples=len(p.indices),
         indices=p.indices.tolist(),
-        seeds={"seed": int(cfg.seed), "subset_seed": int(cfg.subset_seed)},
+        seeds={
+            "seed": seed,
+            "subset_seed": int(cfg.subset_seed),
+            "evaluation": evaluation_seed(seed),
+            "attacks": {name: attack_seeds(seed, k) for k, name in enumerate(p.attacks)},
+        },
         device=str(p.device),
         started=started.isoformat(timespec="seconds"),
         finished="",
@@ -257,6 +416,13 @@ def evaluate(
         versions=package_versions(),
         git=git_state(),
         defense_info=asdict(type(p.defense).info),
+        headline_rule=p.decision.headline,
+        decision={
+            **asdict(p.decision),
+            "evaluate": "after" if p.decision.success_at == "final" else "while",
+            "warnings": p.warnings,
+        },
+        cascade=p.cascade,
     )
     try:
         _execute(cfg, p, record, output_dir)
@@ -268,6 +434,7 @@ def evaluate(
     finally:
         record.finished = datetime.now(UTC).isoformat(timespec="seconds")
         record.wall_s = time.perf_counter() - t0
+        record.cost["wall_s"] = record.wall_s
         write_record(record, output_dir)
     return record
 
@@ -277,63 +444,164 @@ def _execute(cfg: DictConfig, p: _Plan, record: RunRecord, output_dir: Path) -> 
     x, y = x_test[p.indices], y_test[p.indices]
     classifier = p.classifier.load(p.dataset, p.device)
     record.classifier_info = p.classifier.describe()
-    view = AttackView(classifier, p.defense.to(p.device)).eval()
-    batch_size = int(cfg.batch_size)
+    defense = p.defense.to(p.device).eval()
+    name = str(record.defense)
+    info = type(defense).info
+    batch_size, seed, d = int(cfg.batch_size), int(cfg.seed), p.decision
+    if p.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(p.device)
 
-    clean_pred = _predict(view, x, batch_size, p.device)
-    clean_ok = clean_pred == y
-    record.clean_acc = Accuracy.from_counts(int(clean_ok.sum()), len(y))
-    log.info("clean accuracy %.2f%% on %d images", 100 * record.clean_acc.value, len(y))
-
-    table = pd.DataFrame(
-        {
-            "index": p.indices.numpy(),
-            "label": y.numpy(),
-            "clean_pred": clean_pred.numpy(),
-            "clean_correct": clean_ok.numpy(),
-        }
+    eval_view = AttackView(
+        classifier,
+        defense,
+        ViewOptions(eot_samples=1, allow_masked=True),
+        seed=evaluation_seed(seed),
+        name=name,
     )
-    robust_ok = clean_ok.clone()
-    targets = clean_ok.nonzero().squeeze(1)  # attacks run on the clean-correct images only
-    for k, (name, make) in enumerate(p.attacks.items()):
+    judge = Judge(eval_view, draws=d.draws, batch_size=batch_size)
+    ledger = Ledger(y, d.draws, d.vote)
+    clean = ledger.add(
+        "clean", judge.predictions(x, p.device), torch.ones(len(y), dtype=torch.bool)
+    )
+    clean_accs = ledger.accuracies(["clean"])
+    record.clean_acc = clean_accs[d.headline]
+    log.info(
+        "clean accuracy %.2f%% (%s) on %d images", 100 * record.clean_acc.value, d.headline, len(y)
+    )
+    clean_only = ledger.alive()
+    total_purify = eval_view.counter.purify
+
+    views: dict[str, AttackView] = {}
+    for k, (attack_name, make) in enumerate(p.attacks.items()):
+        seeds = attack_seeds(seed, k)
+        view = AttackView(
+            classifier, defense, p.views[attack_name], seed=seeds["view"], name=name
+        ).eval()
+        view.stage = f"attack {attack_name!r}"
+        views[attack_name] = view
+        eval_view.counter.reset()
+        eval_view.stage = f"judging attack {attack_name!r}"
+        mask = ledger.alive() if p.cascade else clean_only
+        targets = mask.nonzero().squeeze(1)
+        attack = make(model=view)
+        # torchattacks draws random starts from torch's global generator; seed it per attack so
+        # a run is reproducible and attacks do not depend on their order in the suite.
+        torch.manual_seed(seeds["attack"])
+        if p.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(p.device)
         t0 = time.perf_counter()
-        adv_pred, worst, warnings = _run_attack(
-            name,
-            make,
+        out = _run_attack(
+            attack_name,
+            attack,
             view,
+            judge,
             x[targets],
             y[targets],
             plan_=p,
             batch_size=batch_size,
-            seed=int(cfg.seed) * 1000 + k,
         )
-        ok = torch.zeros_like(clean_ok)
-        ok[targets] = adv_pred == y[targets]
-        robust_ok &= ok
-        record.attacks[name] = AttackResult(
-            target=str(cfg.suite.attacks[name]._target_),
-            robust_acc=Accuracy.from_counts(int(ok.sum()), len(y)),
+        wall = time.perf_counter() - t0
+        ledger.add(attack_name, out.preds, mask, out.on_path)
+        rules = ledger.accuracies(["clean", attack_name])
+        believed = transfer_failure = None
+        if out.believed is not None:
+            fooled = out.believed != y[targets]
+            believed = int(fooled.sum())
+            still_right = (out.preds[0] == y[targets]) & fooled
+            transfer_failure = float(still_right.sum()) / believed if believed else 0.0
+        n_att = max(len(targets), 1)
+        purify_images = view.counter.purify + eval_view.counter.purify
+        total_purify += purify_images
+        record.attacks[attack_name] = AttackResult(
+            target=str(cfg.suite.attacks[attack_name]._target_),
+            robust_acc=rules[d.headline],
             n_attacked=len(targets),
-            wall_s=time.perf_counter() - t0,
-            max_perturbation=worst,
-            warnings=warnings,
+            wall_s=wall,
+            max_perturbation=out.worst,
+            warnings=out.warnings,
+            kind=p.kinds[attack_name],
+            view=view.options.to_dict(),
+            rules=rules,
+            passes=view.counter.snapshot(),
+            purifier_calls_per_image=purify_images * info.purifier_calls / n_att,
+            peak_memory_mb=_peak_memory_mb(p.device),
+            believed_fooled=believed,
+            transfer_failure=transfer_failure,
+            broken_on_path=None if out.on_path is None else int(out.on_path.sum()),
         )
-        table[f"{name}_correct"] = ok.numpy()
-        result = record.attacks[name]
         log.info(
-            "%s: robust accuracy %.2f%% (%.0f s)", name, 100 * result.robust_acc.value, result.wall_s
+            "%s: robust accuracy %.2f%% (%s, %.0f s)",
+            attack_name,
+            100 * rules[d.headline].value,
+            d.headline,
+            wall,
         )
-        for w in warnings:
-            log.warning("%s: %s", name, w)
-    table["robust"] = robust_ok.numpy()
-    record.robust_acc = Accuracy.from_counts(int(robust_ok.sum()), len(y))
-    table.to_csv(output_dir / PER_SAMPLE_NAME, index=False)
+        for w in out.warnings:
+            log.warning("%s: %s", attack_name, w)
+
+    robust = ledger.accuracies()
+    record.robust_acc = robust[d.headline]
+    record.rules = {rule: {"clean": clean_accs[rule], "robust": robust[rule]} for rule in RULES}
+    record.cost.update(
+        purifier_calls_per_image=total_purify * info.purifier_calls / len(y),
+        peak_memory_mb=_peak_memory_mb(p.device),
+        memory=("cuda allocator peak" if p.device.type == "cuda" else "process RSS high-water"),
+    )
+    _write_per_sample(ledger, p.indices, y, clean, d.headline, output_dir)
     record.per_sample_file = PER_SAMPLE_NAME
     log.info(
-        "robust accuracy (worst case over %s): %.2f%%",
+        "robust accuracy (worst case over %s, %s): %.2f%%",
         ", ".join(p.attacks),
+        d.headline,
         100 * record.robust_acc.value,
     )
+
+    if p.diagnostics.enabled:
+        ok = clean_only.nonzero().squeeze(1)
+        record.diagnostics = diagnose(
+            DiagnosisInput(
+                classifier=classifier,
+                defense=defense,
+                name=name,
+                x=x[ok],
+                y=y[ok],
+                norm=p.norm,
+                eps=p.eps,
+                device=p.device,
+                views=p.views,
+                kinds=p.kinds,
+                attacks=p.attacks,
+                results=record.attacks,
+                returns_best=p.returns_best,
+                ledger=ledger,
+                num_classes=p.dataset.num_classes,
+                seed=seed,
+                batch_size=batch_size,
+            ),
+            p.diagnostics,
+        )
+        record.verdict = verdict(record.diagnostics)
+        log.info("diagnostics verdict: %s", record.verdict)
+
+
+def _write_per_sample(
+    ledger: Ledger, indices: Tensor, y: Tensor, clean: Stage, headline: str, output_dir: Path
+) -> None:
+    """One row per image: label, clean prediction, and per stage and rule its outcome."""
+    table = pd.DataFrame(
+        {"index": indices.numpy(), "label": y.numpy(), "clean_pred": clean.predictions.numpy()}
+    )
+    for stage in ledger.stages:
+        table[f"{stage.name}_correct"] = stage.correct[0].numpy()
+        if ledger.draws > 1:
+            table[f"{stage.name}_draws_correct"] = stage.correct.sum(0).numpy()
+            table[f"{stage.name}_vote_correct"] = stage.vote_correct.numpy()
+    flags = ledger.flags()
+    for rule in RULES:
+        if ledger.draws > 1 or rule == "single":
+            table[f"robust_{rule}"] = flags[rule].numpy()
+    table["robust"] = flags[headline].numpy()
+    table.to_csv(output_dir / PER_SAMPLE_NAME, index=False)
 
 
 def _hydra_choices(cfg: DictConfig) -> dict[str, str | None]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from bench.metrics import Accuracy
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RECORD_NAME = "record.json"
 PER_SAMPLE_NAME = "per_sample.csv"
 _PACKAGES = (
@@ -37,26 +37,54 @@ class AttackResult:
     Attributes:
         target: the attack's ``_target_`` (its implementation).
         robust_acc: accuracy on the subset after this attack alone.
-        n_attacked: images the attack ran on (the clean-correct ones).
-        wall_s: seconds spent in the attack.
+        n_attacked: images the attack ran on (still robust under some rule when it started, in
+            a cascade; clean-correct otherwise).
+        wall_s: seconds spent in the attack, its judging included.
         max_perturbation: largest perturbation norm it returned (threat norm).
         warnings: what the attack's own checks reported (AutoAttack's flags).
+        kind: ``white-box``, ``black-box`` or ``transfer``.
+        view: how the attack saw the defense (gradient mode, EOT, randomness).
+        rules: accuracy under every decision rule over the clean stage and this attack
+            (cumulative over the earlier attacks in a cascade: points they broke are not
+            attacked again).
+        passes: images pushed through the attack's view: classifier forwards, backwards
+            reaching the input, purifier calls (EOT samples counted one by one).
+        purifier_calls_per_image: purifier network evaluations per attacked image, the
+            attack's and its judging's together (``passes.purify`` times the defense's NFE).
+        peak_memory_mb: peak memory during the attack (CUDA allocator on GPU; the process's
+            resident high-water mark on CPU).
+        believed_fooled: images the attack's own view judged fooled (approximate-gradient
+            and transfer attacks only).
+        transfer_failure: fraction of those that the real defense classified correctly.
+        broken_on_path: images the attack saw fooled at some iterate (attacks that track it).
     """
 
     target: str
-    robust_acc: Accuracy
+    robust_acc: Accuracy  # under the run's headline decision rule
     n_attacked: int
     wall_s: float
     max_perturbation: float
     warnings: list[str] = field(default_factory=list)
+    kind: str = "white-box"
+    view: dict[str, Any] = field(default_factory=dict)
+    rules: dict[str, Accuracy] = field(default_factory=dict)
+    passes: dict[str, int] = field(default_factory=dict)
+    purifier_calls_per_image: float = 0.0
+    peak_memory_mb: float | None = None
+    believed_fooled: int | None = None
+    transfer_failure: float | None = None
+    broken_on_path: int | None = None
 
 
 @dataclass
 class RunRecord:
     """Everything one evaluation produced, written as ``record.json`` in its output dir.
 
-    ``robust`` is the per-sample worst case over the suite: an image counts as robust only if it
-    is classified correctly clean and after every attack.
+    ``robust_acc`` is the per-sample worst case over the suite: an image counts as robust only
+    if it is classified correctly clean and after every attack. ``clean_acc`` and ``robust_acc``
+    follow ``headline_rule``; ``rules`` holds both under every decision rule (``single``,
+    ``avg``, ``worst``, ``vote``; see :mod:`bench.robust_eval`). ``verdict`` is ``"ok"`` or the
+    list of diagnostics that failed (:mod:`bench.diagnostics`).
     """
 
     status: str  # "completed" or "failed"
@@ -68,7 +96,7 @@ class RunRecord:
     threat: dict[str, Any]
     n_samples: int
     indices: list[int]
-    seeds: dict[str, int]
+    seeds: dict[str, Any]
     device: str
     started: str
     finished: str
@@ -82,6 +110,13 @@ class RunRecord:
     attacks: dict[str, AttackResult] = field(default_factory=dict)
     per_sample_file: str | None = None
     error: str | None = None
+    headline_rule: str = "single"
+    decision: dict[str, Any] = field(default_factory=dict)
+    rules: dict[str, dict[str, Accuracy]] = field(default_factory=dict)
+    cascade: bool = True
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    verdict: str | list[str] = "not run"
+    cost: dict[str, Any] = field(default_factory=dict)
     schema: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,8 +131,18 @@ class RunRecord:
             if data.get(key) is not None:
                 data[key] = Accuracy(**data[key])
         data["attacks"] = {
-            name: AttackResult(**{**res, "robust_acc": Accuracy(**res["robust_acc"])})
+            name: AttackResult(
+                **{
+                    **res,
+                    "robust_acc": Accuracy(**res["robust_acc"]),
+                    "rules": {k: Accuracy(**v) for k, v in res.get("rules", {}).items()},
+                }
+            )
             for name, res in data.get("attacks", {}).items()
+        }
+        data["rules"] = {
+            rule: {k: Accuracy(**v) for k, v in accs.items()}
+            for rule, accs in data.get("rules", {}).items()
         }
         return cls(**data)
 

@@ -1,9 +1,10 @@
 """The defense contract every purifier implements.
 
 A defense cleans an input before the classifier sees it. The harness composes
-``classifier(defense.purify(x))`` and decides how that composition is differentiated and how
-its randomness is averaged; the defense only declares static facts about itself in
-:class:`DefenseInfo`.
+``classifier(defense.purify(x))`` and decides how that composition is differentiated (exact,
+BPDA through :meth:`Defense.approx`, or a cheaper :meth:`Defense.surrogate`) and how its
+randomness is averaged (EOT); the defense only declares static facts about itself in
+:class:`DefenseInfo` and offers the hooks below.
 """
 
 from __future__ import annotations
@@ -22,11 +23,15 @@ class DefenseInfo:
     Attributes:
         stochastic: ``purify(x)`` differs between calls for the same ``x`` (needs EOT and
             repeated evaluation).
-        differentiable: autograd through ``purify`` is exact and affordable.
+        differentiable: autograd through ``purify`` is exact and affordable. The harness does
+            not take this on trust: its diagnostics measure the gradients.
         iterative: an optimisation or sampling loop runs at inference (AutoAttack's
             ``check_dynamic`` fires; adaptive attacks are mandatory).
         paper: link to the paper (arXiv where possible), shown in the leaderboard.
-        purifier_calls: forward passes of the purifier network(s) per image (NFE).
+        purifier_calls: forward passes of the purifier network(s) per purified image (NFE).
+        vote: the deployed decision rule: ``0`` for a single purification per query, ``K > 1``
+            for a majority vote over ``K`` purifications (the harness then reports ``vote@K``
+            as the headline number).
     """
 
     stochastic: bool
@@ -34,6 +39,7 @@ class DefenseInfo:
     iterative: bool = False
     paper: str = ""
     purifier_calls: int = 0
+    vote: int = 0
 
 
 class Defense(nn.Module):
@@ -42,8 +48,19 @@ class Defense(nn.Module):
     Subclasses set the class attribute ``info`` and implement :meth:`purify`. Inputs and outputs
     are float NCHW images in [0, 1] with the same shape and device; any internal range (e.g.
     [-1, 1] for diffusion models) is converted inside ``purify`` only. Randomness enters only
-    through ``generator``. ``purify`` is never wrapped in ``torch.no_grad``: the evaluation owns
-    the gradient context.
+    through ``generator``: with the same generator state, ``purify`` must return the same
+    images. ``purify`` is never wrapped in ``torch.no_grad``: the evaluation owns the gradient
+    context.
+
+    Optional hooks, each with a neutral default:
+
+    * :meth:`approx`: the BPDA stand-in (identity).
+    * :meth:`surrogate`: a cheaper configuration of the same purifier whose gradients an
+      attacker may use instead of the full chain (Lee & Kim 2023); defaults to ``purify``.
+    * :meth:`predict`: the decision when it is not ``classifier(purify(x))`` (CARSO aggregates
+      several decoded samples).
+    * :meth:`attack_loss`: a per-image term that a defense-aware attack adds to its loss (e.g.
+      minus the purifier's own reconstruction error), or ``None``.
     """
 
     info: ClassVar[DefenseInfo]
@@ -56,6 +73,36 @@ class Defense(nn.Module):
         """Differentiable stand-in for ``purify`` used by BPDA (identity by default)."""
         return x
 
+    def surrogate(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """A cheaper purifier whose gradients stand in for the full one (default: ``purify``)."""
+        return self.purify(x, generator=generator)
+
+    def predict(
+        self, classifier: nn.Module, x: Tensor, *, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Logits of the defended classifier.
+
+        Override only when the decision is not a plain ``classifier(purify(x))``.
+        """
+        return classifier(self.purify(x, generator=generator))
+
+    def attack_loss(self, x: Tensor) -> Tensor | None:
+        """A per-image term (shape ``(N,)``) for defense-aware attacks to maximise, or ``None``.
+
+        The harness's attacks add ``weight * attack_loss(x)`` to their classification loss when
+        configured to; a defense offers here what an adaptive attacker would exploit (e.g. the
+        negative reconstruction error of a purifier that moves inputs towards its own modes).
+        """
+        return None
+
     def forward(self, x: Tensor) -> Tensor:
         """Purify with fresh randomness (``nn.Module`` convenience)."""
         return self.purify(x)
+
+
+def has_own_predict(defense: Defense) -> bool:
+    """Whether ``defense`` overrides :meth:`Defense.predict`.
+
+    Such a defense's decision is not a plain ``classifier(purify(x))``.
+    """
+    return type(defense).predict is not Defense.predict

@@ -1,9 +1,11 @@
-"""Planted attacks with known (broken) behaviour, for testing the runner's checks."""
+"""Planted attacks and defenses with known (broken) behaviour, for testing the runner's checks."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from defenses.base import Defense, DefenseInfo
 
 
 class Overstep:
@@ -24,3 +26,66 @@ class NaNs:
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         return torch.full_like(x, float("nan"))
+
+
+# -- planted defenses of known behaviour -----------------------------------------------------
+
+
+class Quantize(Defense):
+    """Rounds pixels to ``levels`` grey levels: zero gradient almost everywhere.
+
+    It (wrongly) declares itself differentiable, as a naive author would: the harness must find
+    the masked gradients itself, and BPDA (identity backward) must break it.
+    """
+
+    info = DefenseInfo(stochastic=False, differentiable=True, purifier_calls=0)
+
+    def __init__(self, levels: int = 8) -> None:
+        super().__init__()
+        self.levels = levels
+
+    def purify(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        return torch.round(x * (self.levels - 1)) / (self.levels - 1)
+
+
+class GaussianNoise(Defense):
+    """Adds Gaussian noise from the generator and clamps: a stochastic defense."""
+
+    info = DefenseInfo(stochastic=True, differentiable=True, purifier_calls=0)
+
+    def __init__(self, sigma: float = 0.3) -> None:
+        super().__init__()
+        self.sigma = sigma
+
+    def purify(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return (x + self.sigma * noise).clamp(0, 1)
+
+
+class Detach(Defense):
+    """Returns its input detached from the graph: gradients are unavailable."""
+
+    info = DefenseInfo(stochastic=False, differentiable=True, purifier_calls=0)
+
+    def purify(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        return x.detach().clone()
+
+
+class Blur(Defense):
+    """A 3x3 box blur: deterministic, differentiable, iterative=False; `approx` is itself."""
+
+    info = DefenseInfo(stochastic=False, differentiable=True, purifier_calls=1)
+
+    def purify(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        c = x.shape[1]
+        kernel = torch.full((c, 1, 3, 3), 1 / 9, device=x.device, dtype=x.dtype)
+        return torch.nn.functional.conv2d(x, kernel, padding=1, groups=c).clamp(0, 1)
+
+
+class NaNDefense(Defense):
+    """Purifies to NaN: the run must fail loudly, naming the defense."""
+
+    info = DefenseInfo(stochastic=False, differentiable=True, purifier_calls=1)
+
+    def purify(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        return x * float("nan")

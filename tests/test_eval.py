@@ -38,7 +38,16 @@ def test_end_to_end_on_digits(compose_cfg, cache_dir: Path, tmp_path: Path) -> N
     for result in record.attacks.values():
         assert result.robust_acc.value <= record.clean_acc.value
         assert result.max_perturbation <= 0.1 + 1e-6
-        assert result.n_attacked == round(record.clean_acc.value * 64)
+        assert result.kind == "white-box" and result.view["grad"] == "exact"
+        assert result.passes["forward"] > 0 and result.passes["backward"] > 0
+    # A cascade: PGD attacks every clean-correct image, APGD only the ones PGD left standing.
+    pgd, apgd = record.attacks["pgd"], record.attacks["apgd_ce"]
+    assert pgd.n_attacked == round(record.clean_acc.value * 64)
+    assert apgd.n_attacked == round(pgd.robust_acc.value * 64)
+    assert apgd.robust_acc.value <= pgd.robust_acc.value
+    # A deterministic defense: one draw, every decision rule agrees.
+    assert record.decision["draws"] == 1 and record.headline_rule == "single"
+    assert {r["robust"].value for r in record.rules.values()} == {record.robust_acc.value}
     # The suite's robust accuracy is the per-sample worst case over its attacks.
     samples = pd.read_csv(out / "per_sample.csv")
     assert len(samples) == 64

@@ -93,7 +93,8 @@ def test_pure_function_and_files(tmp_path: Path) -> None:
     assert "| fashion_mnist" in text and "Linf 0.1" in text
     assert csv.read_text().splitlines()[0].startswith("dataset,threat,classifier,defense,clean")
     assert (
-        json.loads((tmp_path / "runs" / "1" / "record.json").read_text())["robust_acc"]["value"] == 0.4
+        json.loads((tmp_path / "runs" / "1" / "record.json").read_text())["robust_acc"]["value"]
+        == 0.4
     )
 
 

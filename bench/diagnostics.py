@@ -1,0 +1,437 @@
+"""Diagnostics that say when an evaluation is not to be trusted.
+
+Every run ends with these checks on a small slice of its clean-correct images; each gives a
+``passed`` flag, the measured value and a sentence. The run's verdict is ``"ok"`` or the list
+of failed checks, and the leaderboard shows it.
+
+Checks (thresholds are documented here and nowhere else):
+
+* ``aa_randomized``, ``aa_zero_gradients``, ``aa_square``, ``aa_dynamic``: AutoAttack's own
+  flags (Croce & Hein 2020, ``flags_doc.md``), read from the warnings its checks logged.
+* ``randomness``: five forward passes on the same images; outputs that differ on a defense that
+  declares itself deterministic, or agree on one that declares itself stochastic, fail.
+* ``unavailable_gradients[<mode>]``: per gradient mode of the suite, the fraction of images
+  whose margin-loss gradient through the attack view is zero or missing (graph cut); any fails
+  (Pintor et al. 2022's "unavailable gradients"; AutoAttack's ``check_zero_gradients``). The
+  margin loss is used because cross-entropy saturates on confident images.
+* ``unbounded``: PGD from the clean image (no random start) with eps covering the whole input
+  space must bring accuracy to at most ``1 / num_classes`` (Athalye et al. 2018; Pintor et al.'s
+  "unconstrained attack failure").
+* ``eps_monotone``: accuracy under the probe attack at eps x ``eps_factors`` and unbounded must
+  not rise with eps by more than the tolerance (one image, plus two standard errors of the
+  repeated judging for stochastic defenses).
+* ``more_steps``: doubling the probe's steps must not raise accuracy beyond the tolerance.
+* ``more_eot``: for stochastic defenses, doubling the probe's EOT samples must not either.
+* ``silent_success``: the probe saw a fooled iterate that its last iterate lost, while the suite
+  holds an attack that returns its last iterate; fails when any image is affected.
+* ``incomplete_optimization``: doubling the probe's steps lowered accuracy by more than the
+  tolerance (the attack had not converged). Pintor et al.'s loss indicator (the share of
+  unfooled images whose normalised, monotonised loss still rose by more than 0.05 over the last
+  10% of steps) is reported beside it: alone it fires on every point fixed-step PGD cannot fool.
+* ``unstable_predictions``: the probe view's prediction changes across ``repeats`` evaluations
+  of the same image on more than 10% of the images: its gradients are noise (more EOT is
+  needed). The relative standard deviation of its loss is reported beside it.
+* ``transfer_failure``: an approximate-gradient or transfer attack's fooled images did not
+  fool the real defense (more than 10% of them) while the suite has no exact-gradient attack.
+* ``blackbox_beats_whitebox``: a black-box or transfer attack broke images (more than 0.2% of
+  the subset) that survived every white-box attack: gradient masking.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from attacks.pgd_eot import PGDEOT, margin_loss
+from bench.attack_view import AttackView, ViewOptions
+from bench.errors import ConfigError
+from bench.robust_eval import Judge, Ledger
+from defenses.base import Defense
+
+_AA_FLAGS = {
+    "aa_randomized": "randomized defense",
+    "aa_zero_gradients": "zero gradient",
+    "aa_square": "Square Attack has decreased",
+    "aa_dynamic": "dynamic defense",
+}
+
+
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    """Budget of the diagnostics (``diagnostics:`` in ``conf/eval.yaml``).
+
+    Attributes:
+        enabled: run them at all.
+        n_samples: clean-correct images of the subset they use (the first ones).
+        steps: PGD steps of the probe attack.
+        eps_factors: multiples of the threat's eps for the eps sweep.
+        unbounded_steps: PGD steps of the unbounded attack.
+        repeats: evaluations per image for the randomness and stability checks, and judging
+            draws of the probe's accuracies on stochastic defenses.
+    """
+
+    enabled: bool = True
+    n_samples: int = 64
+    steps: int = 20
+    eps_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    unbounded_steps: int = 50
+    repeats: int = 8
+
+    @classmethod
+    def from_cfg(cls, node: DictConfig | Mapping[str, Any] | None) -> DiagnosticsConfig:
+        """Build from the config node, naming any bad key or value."""
+        if node is None:
+            return cls()
+        data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        allowed = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ConfigError(
+                f"diagnostics options {unknown} are not allowed; allowed: {sorted(allowed)}"
+            )
+        out = cls(**{**data, "eps_factors": tuple(data.get("eps_factors", cls.eps_factors))})
+        for key in ("n_samples", "steps", "unbounded_steps", "repeats"):
+            value = getattr(out, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"diagnostics.{key}={value!r} must be a positive integer")
+        if not out.eps_factors or any(not f > 0 for f in out.eps_factors):
+            raise ConfigError(
+                f"diagnostics.eps_factors={list(out.eps_factors)} must be positive numbers"
+            )
+        return out
+
+
+@dataclass
+class DiagnosisInput:
+    """What the diagnostics look at: the run's parts and its results."""
+
+    classifier: nn.Module
+    defense: Defense
+    name: str
+    x: Tensor  # clean-correct images of the subset (CPU)
+    y: Tensor
+    norm: str
+    eps: float
+    device: torch.device
+    views: Mapping[str, ViewOptions]
+    kinds: Mapping[str, str]
+    attacks: Mapping[str, Callable[..., Any]]
+    results: Mapping[str, Any]  # AttackResult per attack
+    returns_best: Mapping[str, bool]  # whether each attack returns its best iterate
+    ledger: Ledger
+    num_classes: int
+    seed: int
+    batch_size: int
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _check(passed: bool | None, value: Any, detail: str) -> dict[str, Any]:
+    return {"passed": passed, "value": value, "detail": detail}
+
+
+def verdict(diagnostics: Mapping[str, Any]) -> str | list[str]:
+    """``"ok"`` when no check failed, else the sorted names of the failed checks."""
+    failed = sorted(k for k, c in diagnostics.get("checks", {}).items() if c["passed"] is False)
+    return failed or "ok"
+
+
+def margin_gradient_norms(view: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Per-image L2 norm of the margin-loss gradient through ``view`` (NaN: graph cut)."""
+    x = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = margin_loss(view(x), y).sum()
+        if not loss.requires_grad:
+            return torch.full((len(x),), math.nan)
+        (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
+    if grad is None:
+        return torch.full((len(x),), math.nan)
+    return grad.flatten(1).norm(dim=1).detach().cpu()
+
+
+class _Diagnosis:
+    def __init__(self, inp: DiagnosisInput, cfg: DiagnosticsConfig) -> None:
+        self.inp, self.cfg = inp, cfg
+        self.x, self.y = inp.x[: cfg.n_samples], inp.y[: cfg.n_samples]
+        self.info = type(inp.defense).info
+        self.stochastic = self.info.stochastic
+        self.checks: dict[str, dict[str, Any]] = {}
+        self._seed = inp.seed * 7919 + 17
+        # The probe attacks as the strongest white-box attack of the suite saw the defense.
+        white = [n for n in inp.views if inp.kinds[n] == "white-box"]
+        exact = [n for n in white if inp.views[n].grad == "exact"]
+        chosen = (exact or white or [None])[0]
+        if chosen is not None:
+            self.probe_options = inp.views[chosen]
+        else:
+            grad = "exact" if self.info.differentiable else "bpda"
+            self.probe_options = ViewOptions(grad=grad, eot_samples=8 if self.stochastic else 1)
+        self.probe_from = chosen or "default"
+        n = max(len(self.x), 1)
+        draws = cfg.repeats if self.stochastic else 1
+        self.tolerance = 1 / n + (2 * math.sqrt(0.25 / (n * draws)) if self.stochastic else 0.0)
+
+    def _view(self, options: ViewOptions) -> AttackView:
+        self._seed += 1
+        view = AttackView(
+            self.inp.classifier, self.inp.defense, options, seed=self._seed, name=self.inp.name
+        )
+        view.stage = "diagnostics"
+        return view.eval()
+
+    def _judge(self) -> Judge:
+        view = self._view(ViewOptions(eot_samples=1, allow_masked=True))
+        draws = self.cfg.repeats if self.stochastic else 1
+        return Judge(view, draws=draws, batch_size=self.inp.batch_size)
+
+    def _probe_accuracy(
+        self, *, eps: float, steps: int, options: ViewOptions | None = None, start: bool = True
+    ) -> tuple[float, PGDEOT]:
+        """Accuracy (mean over judging draws) after the probe PGD at ``eps``."""
+        view = self._view(options or self.probe_options)
+        attack = PGDEOT(
+            view, norm=self.inp.norm, eps=eps, steps=steps, random_start=start, seed=self._seed
+        )
+        correct, bs, dev = 0.0, self.inp.batch_size, self.inp.device
+        judge = self._judge()
+        for i in range(0, len(self.x), bs):
+            xb, yb = self.x[i : i + bs].to(dev), self.y[i : i + bs].to(dev)
+            x_adv = attack(xb, yb).detach()
+            preds = judge.predictions(x_adv, dev)
+            correct += (preds == yb.cpu()).float().mean(0).sum().item()
+        return correct / max(len(self.x), 1), attack
+
+    # -- the checks --------------------------------------------------------------------------
+
+    def autoattack_flags(self) -> None:
+        warnings = [w for r in self.inp.results.values() for w in r.warnings]
+        ran_aa = any("autoattack" in r.target for r in self.inp.results.values())
+        if not ran_aa:
+            return
+        has_adaptive = any("autoattack" not in r.target for r in self.inp.results.values())
+        for name, needle in _AA_FLAGS.items():
+            hits = [w for w in warnings if needle in w]
+            passed = not hits
+            if name == "aa_dynamic" and hits and has_adaptive:
+                passed = True  # AutoAttack's advice (add adaptive attacks) is already followed
+            if name == "aa_randomized" and hits and self.stochastic:
+                passed = True  # a declared stochastic defense: the suite must handle it anyway
+            self.checks[name] = _check(passed, len(hits), hits[0] if hits else "no flag raised")
+
+    @torch.inference_mode()
+    def randomness(self) -> None:
+        view = self._view(ViewOptions(eot_samples=1, allow_masked=True))
+        xb = self.x[:16].to(self.inp.device)
+        outs = torch.stack([view(xb).float() for _ in range(5)])
+        spread = (outs - outs[0]).abs().amax().item()
+        observed = spread > 1e-4
+        passed = observed == self.stochastic
+        declared = "stochastic" if self.stochastic else "deterministic"
+        seen = "differ" if observed else "agree"
+        self.checks["randomness"] = _check(
+            passed,
+            spread,
+            f"declared {declared}; five passes on the same images {seen} (max logit spread "
+            f"{spread:.3g})",
+        )
+
+    def gradients(self) -> None:
+        modes = {}
+        for name, options in self.inp.views.items():
+            if self.inp.kinds[name] == "white-box":
+                modes.setdefault(options.grad, options)
+        modes.setdefault(self.probe_options.grad, self.probe_options)
+        for mode, options in modes.items():
+            view = self._view(replace(options, eot_samples=1))
+            xb, yb = self.x.to(self.inp.device), self.y.to(self.inp.device)
+            try:
+                norms = margin_gradient_norms(view, xb, yb)
+                cut = torch.isnan(norms)
+            except RuntimeError as err:  # autograd itself refused: the graph is cut
+                norms, cut = torch.full((len(xb),), math.nan), torch.ones(len(xb), dtype=torch.bool)
+                detail_err = f" ({err})"
+            else:
+                detail_err = ""
+            zero = (norms == 0) | cut
+            frac = zero.float().mean().item() if len(zero) else 0.0
+            if cut.all():
+                detail = f"the {mode} gradient graph is cut: no gradient reaches the input"
+            else:
+                detail = f"{zero.sum().item()} of {len(zero)} images have a zero {mode} gradient"
+            self.checks[f"unavailable_gradients[{mode}]"] = _check(
+                frac == 0.0, frac, detail + detail_err
+            )
+
+    def sweep(self) -> None:
+        """Eps sweep, unbounded attack, more steps, more EOT and the IoAF path indicators."""
+        eps, steps = self.inp.eps, self.cfg.steps
+        cap = 1.0 if self.inp.norm == "Linf" else math.sqrt(self.x[0].numel())
+        accs: dict[float, float] = {}
+        probe_at_eps = None
+        for f in sorted(set(self.cfg.eps_factors) | {1.0}):
+            e = min(eps * f, cap)
+            accs[e], attack = self._probe_accuracy(eps=e, steps=steps)
+            if f == 1.0:
+                probe_at_eps = attack
+        unbounded, _ = self._probe_accuracy(eps=cap, steps=self.cfg.unbounded_steps, start=False)
+        limit = 1 / self.inp.num_classes
+        self.checks["unbounded"] = _check(
+            unbounded <= limit,
+            unbounded,
+            f"accuracy {unbounded:.1%} under an unbounded PGD-{self.cfg.unbounded_steps} "
+            f"(at most {limit:.0%} expected)",
+        )
+        curve = sorted(accs.items()) + [(math.inf, unbounded)]
+        rises = [
+            (a_eps, b_eps)
+            for (a_eps, a), (b_eps, b) in zip(curve, curve[1:], strict=False)
+            if b > a + self.tolerance
+        ]
+        self.checks["eps_monotone"] = _check(
+            not rises,
+            {str(round(k, 6)): v for k, v in curve},
+            "accuracy falls with eps"
+            if not rises
+            else f"accuracy rises with eps between {rises[0][0]:.4g} and {rises[0][1]:.4g}",
+        )
+        base = accs[min(eps, cap)]
+        more, _ = self._probe_accuracy(eps=eps, steps=2 * steps)
+        self.checks["more_steps"] = _check(
+            more <= base + self.tolerance,
+            {"steps": steps, "acc": base, "steps_x2": 2 * steps, "acc_x2": more},
+            f"PGD-{steps}: {base:.1%}, PGD-{2 * steps}: {more:.1%}",
+        )
+        if self.stochastic and self.probe_options.grad != "transfer":
+            k = self.probe_options.eot_samples or 1
+            opts = replace(self.probe_options, eot_samples=2 * k)
+            more_eot, _ = self._probe_accuracy(eps=eps, steps=steps, options=opts)
+            self.checks["more_eot"] = _check(
+                more_eot <= base + self.tolerance,
+                {"eot": k, "acc": base, "eot_x2": 2 * k, "acc_x2": more_eot},
+                f"EOT-{k}: {base:.1%}, EOT-{2 * k}: {more_eot:.1%}",
+            )
+        if probe_at_eps is not None:
+            self._path_indicators(probe_at_eps)
+        self._incomplete(base, more, steps)
+
+    def _path_indicators(self, attack: PGDEOT) -> None:
+        fooled = getattr(attack, "fooled_history", None)
+        losses = getattr(attack, "loss_history", None)
+        if fooled is None or losses is None or fooled.numel() == 0:
+            return
+        lost = fooled.any(0) & ~fooled[-1]
+        returns_last = sorted(n for n, best in self.inp.returns_best.items() if not best)
+        frac = lost.float().mean().item()
+        self.checks["silent_success"] = _check(
+            not (returns_last and frac > 0),
+            frac,
+            f"{lost.sum().item()} images fooled along the probe's path but not at its last "
+            f"iterate; attacks returning their last iterate: {returns_last or 'none'}",
+        )
+        survivors = ~fooled.any(0)
+        if survivors.any():
+            path = losses[:, survivors].cummax(0).values
+            low, high = path[0], path[-1]
+            norm = (path - low) / (high - low).clamp_min(1e-12)
+            window = max(1, math.ceil(0.1 * (len(path) - 1)))
+            still = (norm[-1] - norm[-1 - window]) > 0.05
+            self._climbing = still.float().mean().item()
+        else:
+            self._climbing = 0.0
+
+    def _incomplete(self, base: float, more: float, steps: int) -> None:
+        # Pintor et al.'s loss indicator fires on any loss still rising, which fixed-step PGD
+        # shows on points it can never fool; what matters is whether more steps break more
+        # images, so that decides and the loss indicator is reported beside it.
+        climbing = getattr(self, "_climbing", None)
+        converged = more >= base - self.tolerance
+        verb = "did not beat" if converged else "broke more images than"
+        self.checks["incomplete_optimization"] = _check(
+            converged,
+            {"acc": base, "acc_x2": more, "loss_still_rising": climbing},
+            f"PGD-{2 * steps} {verb} PGD-{steps} ({more:.1%} vs {base:.1%}); the loss still rose "
+            f"over the last 10% of steps on {climbing or 0:.0%} of the unfooled images",
+        )
+
+    @torch.inference_mode()
+    def stability(self) -> None:
+        view = self._view(self.probe_options)
+        xb, yb = self.x[:32].to(self.inp.device), self.y[:32].to(self.inp.device)
+        logits = torch.stack([view(xb) for _ in range(self.cfg.repeats)])
+        flips = (logits.argmax(2) != logits[0].argmax(1)).any(0).float().mean().item()
+        losses = F.cross_entropy(logits.flatten(0, 1), yb.repeat(len(logits)), reduction="none")
+        losses = losses.view(len(logits), -1)
+        rel = (losses.std(0) / losses.abs().mean(0).clamp_min(1e-6)).mean().item()
+        self.checks["unstable_predictions"] = _check(
+            flips <= 0.1,
+            {"flipping": flips, "loss_relative_std": rel},
+            f"the attack view's prediction changed across {self.cfg.repeats} evaluations of the "
+            f"same image on {flips:.0%} of the images (EOT {self.probe_options.eot_samples}; "
+            f"relative std of its loss {rel:.3f})",
+        )
+
+    def transfer(self) -> None:
+        exact = any(
+            o.grad == "exact" and self.inp.kinds[n] == "white-box"
+            for n, o in self.inp.views.items()
+        )
+        values = {
+            n: r.transfer_failure
+            for n, r in self.inp.results.items()
+            if r.transfer_failure is not None and r.believed_fooled
+        }
+        if not values:
+            return
+        worst = max(values.values())
+        failed = worst > 0.1 and not exact
+        self.checks["transfer_failure"] = _check(
+            not failed,
+            values,
+            "share of images fooled on the attack's own view that the real defense still "
+            f"classified correctly: {', '.join(f'{n} {v:.0%}' for n, v in values.items())}"
+            + ("; the suite has an exact-gradient attack" if exact else ""),
+        )
+
+    def blackbox(self) -> None:
+        ledger = self.inp.ledger
+        white = [n for n in self.inp.views if self.inp.kinds[n] == "white-box"]
+        other = [n for n in self.inp.views if self.inp.kinds[n] != "white-box"]
+        if not white or not other:
+            return
+        survive_white = ledger.flags(["clean", *white])["single"]
+        broken = {}
+        for n in other:
+            stage = next(s for s in ledger.stages if s.name == n)
+            broken[n] = int((survive_white & stage.attacked & ~stage.correct[0]).sum())
+        worst = max(broken.values())
+        self.checks["blackbox_beats_whitebox"] = _check(
+            worst <= 0.002 * ledger.n,
+            broken,
+            "images broken by black-box or transfer attacks that survived every white-box "
+            f"attack: {broken}",
+        )
+
+
+def diagnose(inp: DiagnosisInput, cfg: DiagnosticsConfig) -> dict[str, Any]:
+    """Run every diagnostic; return ``{"checks": {...}, "probe": ..., "n_samples": ...}``."""
+    d = _Diagnosis(inp, cfg)
+    d.autoattack_flags()
+    d.transfer()
+    d.blackbox()
+    if len(d.x):
+        d.randomness()
+        d.gradients()
+        d.sweep()
+        d.stability()
+    return {
+        "checks": d.checks,
+        "probe": {"from_attack": d.probe_from, "view": d.probe_options.to_dict()},
+        "n_samples": len(d.x),
+        "tolerance": d.tolerance,
+    }
