@@ -171,6 +171,49 @@ def test_adaptive_suite_cascade_and_costs(compose_cfg, cache_dir: Path, tmp_path
     assert "blackbox_beats_whitebox" in record.diagnostics["checks"]
 
 
+def test_success_at_any_iterate_counts_what_the_attack_saw(
+    compose_cfg, cache_dir: Path, tmp_path: Path
+) -> None:
+    after = run_with(compose_cfg, cache_dir, tmp_path / "a", NOISE, "view.eot_samples=1")
+    during = run_with(
+        compose_cfg, cache_dir, tmp_path / "b", NOISE, "view.eot_samples=1",
+        "decision.success_at=any",
+    )  # fmt: skip
+    assert after.decision["evaluate"] == "after" and during.decision["evaluate"] == "while"
+    assert after.attacks["pgd"].broken_on_path is None
+    assert during.attacks["pgd"].broken_on_path > 0
+    # Same attack, same seeds: counting the fooled iterates can only lower every rule.
+    for rule in ("single", "avg", "worst", "vote"):
+        assert robust(during, rule) <= robust(after, rule)
+    assert robust(during, "avg") < robust(after, "avg")
+
+
+def test_autoattack_flags_enter_the_verdict() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench.diagnostics import DiagnosisInput, DiagnosticsConfig, _Diagnosis
+    from defenses.none import NoDefense
+
+    result = SimpleNamespace(
+        target="attacks.autoattack.AutoAttack",
+        warnings=["there are 3 points with zero gradient! This might lead to ..."],
+    )
+    inp = DiagnosisInput(
+        classifier=torch.nn.Identity(), defense=NoDefense(), name="none",
+        x=torch.zeros(0, 1, 8, 8), y=torch.zeros(0, dtype=torch.long), norm="Linf", eps=0.1,
+        device=torch.device("cpu"), views={}, kinds={}, attacks={},
+        results={"autoattack": result}, returns_best={}, ledger=None, num_classes=10,
+        seed=0, batch_size=8,
+    )  # fmt: skip
+    d = _Diagnosis(inp, DiagnosticsConfig())
+    d.autoattack_flags()
+    assert d.checks["aa_zero_gradients"]["passed"] is False
+    assert d.checks["aa_square"]["passed"] is True
+    assert verdict({"checks": d.checks}) == ["aa_zero_gradients"]
+
+
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
