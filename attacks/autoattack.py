@@ -54,6 +54,11 @@ class AutoAttack:
         attacks (list[str] | None): sub-attacks for ``custom`` only.
         n_iter (int | None): APGD iterations for ``custom`` only (AutoAttack uses 100).
         n_queries (int | None): Square queries for ``custom`` only (AutoAttack uses 5,000).
+        eot_iter (int | None): gradient samples APGD averages (EOT), ``custom`` only (``rand``
+            uses 20).
+        n_restarts (int | None): APGD-CE / APGD-DLR restarts, ``custom`` only.
+        n_target_classes (int | None): target classes of APGD-T and FAB-T, ``custom`` only
+            (``standard`` uses 9).
         seed (int): AutoAttack's seed; without it AutoAttack would seed from the clock.
         batch_size (int): AutoAttack's batch size.
 
@@ -75,6 +80,9 @@ class AutoAttack:
         attacks: Sequence[str] | None = None,
         n_iter: int | None = None,
         n_queries: int | None = None,
+        eot_iter: int | None = None,
+        n_restarts: int | None = None,
+        n_target_classes: int | None = None,
         seed: int = 0,
         batch_size: int = 500,
     ) -> None:
@@ -89,20 +97,31 @@ class AutoAttack:
                 raise ValueError(
                     f"unknown AutoAttack sub-attacks {unknown}; allowed: {', '.join(_SUBATTACKS)}"
                 )
-        elif attacks is not None or n_iter is not None or n_queries is not None:
-            # pyautoattack raises on `attacks` with a preset version; n_iter and n_queries would
-            # silently change a preset that reported numbers depend on.
+        budget = {
+            "n_iter": n_iter,
+            "n_queries": n_queries,
+            "eot_iter": eot_iter,
+            "n_restarts": n_restarts,
+            "n_target_classes": n_target_classes,
+        }
+        if version != "custom" and (
+            attacks is not None or any(v is not None for v in budget.values())
+        ):
+            # pyautoattack raises on `attacks` with a preset version; a budget change would
+            # silently alter a preset that reported numbers depend on.
             raise ValueError(
-                "`attacks`, `n_iter` and `n_queries` are only allowed with version='custom'"
+                f"`attacks`, {', '.join(f'`{k}`' for k in budget)} are only allowed with "
+                "version='custom'"
             )
-        for key, value in (("n_iter", n_iter), ("n_queries", n_queries)):
+        for key, value in budget.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"AutoAttack {key}={value!r} must be a positive integer or null")
             if value is not None and value < 1:
                 raise ValueError(f"AutoAttack {key}={value!r} must be a positive integer or null")
         self.model, self.norm, self.eps, self.version = model, norm, eps, version
         self.attacks = list(attacks) if attacks is not None else None
-        self.n_iter, self.n_queries = n_iter, n_queries
+        self.n_iter, self.n_queries, self.eot_iter = n_iter, n_queries, eot_iter
+        self.n_restarts, self.n_target_classes = n_restarts, n_target_classes
         self.seed, self.batch_size = seed, batch_size
         self.warnings: list[str] = []
 
@@ -116,7 +135,9 @@ class AutoAttack:
     @property
     def internal_eot(self) -> int:
         """Gradient samples AutoAttack averages itself (``rand``: 20), 1 otherwise."""
-        return 20 if self.version == "rand" else 1
+        if self.version == "rand":
+            return 20
+        return self.eot_iter or 1
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         """Run AutoAttack on ``(x, y)`` and return the adversarial images."""
@@ -130,12 +151,22 @@ class AutoAttack:
             seed=self.seed,
             version=self.version,
         )
+        # pyautoattack exposes no other way to set a `custom` budget than its attack objects.
         if self.n_iter is not None:
-            # pyautoattack exposes no other way to change APGD's iterations for `custom`.
             adversary.apgd.n_iter = self.n_iter
             adversary.apgd_targeted.n_iter = self.n_iter
+            adversary.fab.n_iter = self.n_iter
         if self.n_queries is not None:
             adversary.square.n_queries = self.n_queries
+        if self.eot_iter is not None:
+            adversary.apgd.eot_iter = self.eot_iter
+            adversary.apgd_targeted.eot_iter = self.eot_iter
+        if self.n_restarts is not None:
+            adversary.apgd.n_restarts = self.n_restarts
+            adversary.fab.n_restarts = self.n_restarts
+        if self.n_target_classes is not None:
+            adversary.apgd_targeted.n_target_classes = self.n_target_classes
+            adversary.fab.n_target_classes = self.n_target_classes
         collect = _Collect()
         logger = logging.getLogger("auto-attack")
         logger.addHandler(collect)

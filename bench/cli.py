@@ -14,6 +14,8 @@ commands:
                             purebench run dataset=digits suite=pgd n_samples=64
   train [overrides...]      train or find in the cache one classifier, e.g.
                             purebench train classifier=small_cnn_at
+                            or one purifier part, e.g.
+                            purebench train purifier=score dataset=fashion_mnist
   leaderboard [DIR]         records under DIR (default results) -> results/leaderboard.{md,csv}
   data NAME [--download]    make a dataset available (fashion_mnist from Debian's package)
 """
@@ -24,6 +26,8 @@ def _hydra_app(name: str, argv: list[str]) -> None:
     sys.argv = [f"purebench {name}", *argv]
     if name == "run":
         from bench.eval import main
+    elif any(arg.startswith("purifier=") for arg in argv):
+        from bench.purifiers import main
     else:
         from bench.training import main
     main()

@@ -38,6 +38,7 @@ from bench.data import ImageDataset, eval_subset
 from bench.devices import resolve_device
 from bench.diagnostics import DiagnosisInput, DiagnosticsConfig, diagnose, verdict
 from bench.errors import ConfigError, PureBenchError, ThreatModelViolation
+from bench.purifiers import prepare_parts
 from bench.records import (
     PER_SAMPLE_NAME,
     AttackResult,
@@ -444,6 +445,9 @@ def _execute(cfg: DictConfig, p: _Plan, record: RunRecord, output_dir: Path) -> 
     x, y = x_test[p.indices], y_test[p.indices]
     classifier = p.classifier.load(p.dataset, p.device)
     record.classifier_info = p.classifier.describe()
+    # The defense's generative parts (score networks, autoencoders) are trained or loaded now,
+    # after every check of the config has passed.
+    record.defense_parts = prepare_parts(p.defense, p.dataset, p.device)
     defense = p.defense.to(p.device).eval()
     name = str(record.defense)
     info = type(defense).info

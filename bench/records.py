@@ -105,6 +105,7 @@ class RunRecord:
     git: dict[str, Any]
     classifier_info: dict[str, Any] = field(default_factory=dict)
     defense_info: dict[str, Any] = field(default_factory=dict)
+    defense_parts: list[dict[str, Any]] = field(default_factory=list)
     clean_acc: Accuracy | None = None
     robust_acc: Accuracy | None = None
     attacks: dict[str, AttackResult] = field(default_factory=dict)

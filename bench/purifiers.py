@@ -1,0 +1,272 @@
+"""Generative parts of purifiers that the harness trains itself, caches and hands to defenses.
+
+A defense receives plain ``nn.Module`` parts (a score network, an autoencoder). When such a part
+comes from the harness, it is a *source* module: cheap to build from its YAML, empty until the
+runner calls ``prepare(dataset, device)``, which loads its weights from the cache or trains them
+(with a progress bar) and caches them. The cache key hashes everything that determines the
+weights (architecture, dataset, recipe, seed), exactly as for classifiers, and training metrics
+(the loss curve) live beside the weights.
+
+The score network's cache entry is itself a diffusers model directory (``config.json`` and
+``diffusion_pytorch_model.safetensors``), so it loads anywhere diffusers does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from tqdm.auto import tqdm
+
+from bench.config import CONF_DIR
+from bench.errors import CheckpointError, ConfigError
+from bench.records import package_versions, write_json_atomic
+from bench.training import _locked, cache_key, canonical
+from defenses.score import VPSDE, ScoreNet
+
+if TYPE_CHECKING:
+    from bench.data import ImageDataset
+
+log = logging.getLogger(__name__)
+
+# Bump when a change to the training code changes the weights a spec produces.
+CACHE_FORMAT = 1
+METRICS_NAME = "metrics.json"
+SPEC_NAME = "spec.json"
+
+
+@dataclass(frozen=True)
+class ScoreRecipe:
+    """How the score network is trained: Adam on the denoising score-matching loss.
+
+    Attributes:
+        steps: optimizer steps.
+        batch_size: images per step.
+        lr: Adam's learning rate (cosine-decayed to 10% over the run).
+        n_train: train on the first ``n_train`` images of a seeded permutation (``None``: all).
+        log_every: steps between two points of the recorded loss curve.
+        eval_samples: test images of the final held-out denoising loss.
+    """
+
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 2e-3
+    n_train: int | None = None
+    log_every: int = 50
+    eval_samples: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "eval_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"score recipe {name}={value!r} must be a positive integer")
+        if not self.lr > 0:
+            raise ConfigError(f"score recipe lr={self.lr!r} must be > 0")
+
+
+def train_score_net(
+    score: ScoreNet,
+    dataset: ImageDataset,
+    recipe: ScoreRecipe,
+    *,
+    seed: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Train ``score.net`` in place on ``dataset``'s training images; return its metrics."""
+    torch.manual_seed(seed)  # weight init already happened; dropout and the like, if any
+    rng = torch.Generator().manual_seed(seed)
+    x, _ = dataset.train()
+    if recipe.n_train is not None:
+        x = x[torch.randperm(len(x), generator=rng)[: recipe.n_train]]
+    net = score.net.to(device).train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=recipe.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=recipe.steps, eta_min=recipe.lr / 10
+    )
+    noise = torch.Generator(device=device).manual_seed(seed + 1)
+    curve, window = [], []
+    start = time.perf_counter()
+    bar = tqdm(range(recipe.steps), desc="train score model", leave=False, disable=None)
+    for step in bar:
+        idx = torch.randint(len(x), (recipe.batch_size,), generator=rng)
+        x0 = x[idx].to(device) * 2 - 1
+        loss = score.loss(x0, generator=noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        window.append(loss.item())
+        if (step + 1) % recipe.log_every == 0 or step + 1 == recipe.steps:
+            curve.append({"step": step + 1, "loss": sum(window) / len(window)})
+            bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
+            window = []
+    train_s = time.perf_counter() - start
+    net.eval()
+    x_test, _ = dataset.test()
+    held_out = _held_out_loss(score, x_test[: recipe.eval_samples], device, seed)
+    log.info("score model trained in %.0f s: final loss %.4f, test loss %.4f", train_s,
+             curve[-1]["loss"], held_out)  # fmt: skip
+    return {
+        "loss_curve": curve,
+        "test_loss": held_out,
+        "n_train": len(x),
+        "train_s": train_s,
+        "device": str(device),
+    }
+
+
+@torch.inference_mode()
+def _held_out_loss(score: ScoreNet, x: torch.Tensor, device: torch.device, seed: int) -> float:
+    g = torch.Generator(device=device).manual_seed(seed + 2)
+    losses = [
+        score.loss(x[i : i + 256].to(device) * 2 - 1, generator=g).item() * len(x[i : i + 256])
+        for i in range(0, len(x), 256)
+    ]
+    return sum(losses) / max(len(x), 1)
+
+
+class TrainedScoreNet(ScoreNet):
+    """A :class:`~defenses.score.ScoreNet` the harness trains on first use and caches.
+
+    Empty until :meth:`prepare`; then either loads a local diffusers checkpoint (``pretrained``)
+    or finds or trains a small ``UNet2DModel`` for the dataset.
+
+    Args:
+        arch: network factory (``_partial_: true``), called as ``arch(in_channels=C,
+            image_size=H)``; ``defenses.score.small_unet`` by default.
+        recipe: how to train it.
+        seed: weight initialisation and data order.
+        cache_dir: where trained networks live (``${paths.cache_dir}/purifiers``).
+        pretrained: a local diffusers ``UNet2DModel`` directory to use instead of training
+            (e.g. a DDPM for CIFAR-10); never downloaded.
+        timestep_scale: ``t`` in [0, 1] is fed as ``t * timestep_scale``.
+    """
+
+    def __init__(
+        self,
+        arch: Callable[..., nn.Module],
+        recipe: ScoreRecipe,
+        seed: int = 0,
+        cache_dir: str = ".cache/purifiers",
+        pretrained: str | None = None,
+        timestep_scale: float = 999.0,
+    ) -> None:
+        super().__init__(None, VPSDE(), timestep_scale)
+        self.arch, self.recipe, self.seed = arch, recipe, seed
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.pretrained = Path(pretrained).expanduser() if pretrained else None
+        if self.pretrained is not None and not (self.pretrained / "config.json").is_file():
+            raise CheckpointError(
+                f"pretrained={str(self.pretrained)!r} is not a diffusers model directory (no "
+                "config.json there); give a local UNet2DModel directory, or null to train one"
+            )
+        self.info: dict[str, Any] = {}
+
+    def prepare(self, dataset: ImageDataset, device: torch.device) -> None:
+        """Load or train the network for ``dataset`` and freeze it on ``device``."""
+        c, h, w = dataset.shape
+        if self.pretrained is not None:
+            from diffusers import UNet2DModel
+
+            self.net = UNet2DModel.from_pretrained(
+                str(self.pretrained), local_files_only=True, low_cpu_mem_usage=False
+            )
+            self.info = {"kind": "pretrained", "path": str(self.pretrained)}
+        else:
+            self._train_or_load(dataset, device, c, h)
+        self.net.to(device).eval().requires_grad_(False)
+
+    def _train_or_load(self, dataset: ImageDataset, device: torch.device, c: int, h: int) -> None:
+        from diffusers import UNet2DModel
+
+        spec = {
+            "format": CACHE_FORMAT,
+            "kind": "score",
+            "arch": self.arch,
+            "recipe": self.recipe,
+            "seed": self.seed,
+            "sde": {"beta_min": self.sde.beta_min, "beta_max": self.sde.beta_max},
+            "dataset": {"name": dataset.name, "shape": list(dataset.shape)},
+        }
+        key = cache_key(spec)
+        entry = self.cache_dir / f"{dataset.name}-score-{key}"
+        with _locked(self.cache_dir / ".locks" / f"{key}.lock"):
+            if not (entry / SPEC_NAME).is_file():
+                log.info("no cached score model %s: training it", entry.name)
+                torch.manual_seed(self.seed)
+                self.net = self.arch(in_channels=c, image_size=h)
+                metrics = train_score_net(self, dataset, self.recipe, seed=self.seed,
+                                          device=device)  # fmt: skip
+                _save(entry, self.net, canonical(spec), metrics)
+            else:
+                log.info("using cached score model %s", entry)
+                try:
+                    self.net = UNet2DModel.from_pretrained(
+                        str(entry), local_files_only=True, low_cpu_mem_usage=False
+                    )
+                except (OSError, ValueError) as err:
+                    msg = f"cached score model {entry} is unreadable: {err}"
+                    raise CheckpointError(msg) from err
+        with open(entry / METRICS_NAME) as fh:
+            metrics = json.load(fh)
+        self.info = {"kind": "trained", "cache_key": key, "checkpoint": str(entry),
+                     "training": metrics}  # fmt: skip
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for the run record (cache key, checkpoint, loss curve) after :meth:`prepare`."""
+        return {"part": "score", **self.info}
+
+
+def _save(entry: Path, net: nn.Module, spec: dict[str, Any], metrics: dict) -> None:
+    """Write the diffusers directory, spec and metrics to a temporary dir, then rename it."""
+    tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    net.save_pretrained(str(tmp))
+    write_json_atomic(tmp / SPEC_NAME, spec)
+    write_json_atomic(tmp / METRICS_NAME, {**metrics, "versions": package_versions()})
+    shutil.rmtree(entry, ignore_errors=True)
+    os.replace(tmp, entry)
+
+
+def prepare_parts(module: nn.Module, dataset: ImageDataset, device: torch.device) -> list[dict]:
+    """Call ``prepare(dataset, device)`` on every source part of a defense; describe them."""
+    described = []
+    for sub in module.modules():
+        prepare = getattr(sub, "prepare", None)
+        if callable(prepare) and sub is not module:
+            prepare(dataset, device)
+            describe = getattr(sub, "describe", None)
+            described.append(describe() if callable(describe) else {"part": type(sub).__name__})
+    return described
+
+
+def train_from_config(cfg: DictConfig) -> dict[str, Any]:
+    """Train (or find cached) the purifier part of a ``conf/train_purifier.yaml`` config."""
+    from hydra.utils import instantiate
+
+    from bench.devices import resolve_device
+
+    dataset = instantiate(cfg.dataset)
+    part = instantiate(cfg.purifier)
+    part.prepare(dataset, resolve_device(str(cfg.device)))
+    info = part.describe()
+    log.info("%s ready: %s", type(part).__name__, json.dumps(info, indent=2, default=str))
+    return info
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_purifier")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point of ``purebench train purifier=...``."""
+    train_from_config(cfg)

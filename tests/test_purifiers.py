@@ -1,0 +1,116 @@
+"""The shared score model: training, its cache, pretrained diffusers checkpoints, Tweedie."""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.data import digits
+from bench.errors import CheckpointError, ConfigError
+from bench.purifiers import ScoreRecipe, TrainedScoreNet, prepare_parts
+from defenses.score import VPSDE, ScoreNet, small_unet
+
+TINY = partial(small_unet, block_out_channels=(16, 32, 32))
+RECIPE = ScoreRecipe(steps=30, batch_size=32, log_every=10, eval_samples=64)
+
+
+def test_vpsde_inverts_its_schedule() -> None:
+    sde = VPSDE()
+    t = torch.tensor([0.01, 0.1, 0.3, 0.9])
+    torch.testing.assert_close(sde.t_of_alpha_bar(sde.alpha_bar(t)), t)
+    # Noise-to-signal sigma at t: alpha_bar = 1 / (1 + sigma^2).
+    sigma = torch.tensor(0.5)
+    assert float(sde.alpha_bar(sde.t_of_sigma(sigma))) == pytest.approx(1 / 1.25)
+    # DiffPure's t* = 0.1 keeps about 90% of the signal variance (reference: alpha_bar ~ 0.896).
+    assert float(sde.alpha_bar(0.1)) == pytest.approx(0.8958, abs=1e-3)
+
+
+def test_tweedie_denoiser_of_an_oracle_network_recovers_the_image() -> None:
+    class Oracle(torch.nn.Module):
+        """Knows the clean image: predicts exactly the noise that was added."""
+
+        def __init__(self, x0: torch.Tensor) -> None:
+            super().__init__()
+            self.x0 = x0
+
+        def forward(self, x_t, timestep):
+            ab = VPSDE().alpha_bar(timestep / 999.0).reshape(-1, 1, 1, 1)
+            return (x_t - ab.sqrt() * self.x0) / (1 - ab).sqrt()
+
+    x0 = torch.rand(3, 1, 8, 8) * 2 - 1
+    noisy = x0 + 0.4 * torch.randn_like(x0)
+    torch.testing.assert_close(ScoreNet(Oracle(x0)).denoise(noisy, 0.4), x0, atol=1e-4, rtol=0)
+
+
+def test_trains_once_caches_and_records_the_loss_curve(tmp_path: Path) -> None:
+    data = digits()
+    first = TrainedScoreNet(TINY, RECIPE, cache_dir=str(tmp_path))
+    first.prepare(data, torch.device("cpu"))
+    info = first.describe()
+    assert info["kind"] == "trained" and len(info["training"]["loss_curve"]) == 3
+    curve = [p["loss"] for p in info["training"]["loss_curve"]]
+    assert curve[-1] < curve[0], "the denoising loss must fall"
+    assert math.isfinite(info["training"]["test_loss"])
+    entry = Path(info["checkpoint"])
+    assert (entry / "config.json").is_file(), "the cache entry is a diffusers model directory"
+    assert json.loads((entry / "metrics.json").read_text())["loss_curve"]
+
+    again = TrainedScoreNet(TINY, RECIPE, cache_dir=str(tmp_path))
+    again.prepare(data, torch.device("cpu"))
+    assert again.describe()["cache_key"] == info["cache_key"]
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    torch.testing.assert_close(again.eps(x, 0.3), first.eps(x, 0.3))
+    assert not any(p.requires_grad for p in again.parameters()), "frozen after prepare"
+
+    other = TrainedScoreNet(TINY, RECIPE, seed=1, cache_dir=str(tmp_path))
+    other.prepare(data, torch.device("cpu"))
+    assert other.describe()["cache_key"] != info["cache_key"]
+
+
+def test_loads_a_local_diffusers_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = TINY(in_channels=1, image_size=8)
+    net.save_pretrained(str(tmp_path / "ddpm"))
+    part = TrainedScoreNet(TINY, RECIPE, pretrained=str(tmp_path / "ddpm"))
+    part.prepare(digits(), torch.device("cpu"))
+    assert part.describe()["kind"] == "pretrained"
+    x = torch.rand(2, 1, 8, 8)
+    torch.testing.assert_close(part.eps(x, 0.2), ScoreNet(net.eval()).eps(x, 0.2))
+    direct = ScoreNet.from_pretrained(tmp_path / "ddpm")
+    torch.testing.assert_close(direct.eps(x, 0.2), part.eps(x, 0.2))
+
+
+def test_missing_pretrained_directory_fails_at_construction(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not a diffusers model directory"):
+        TrainedScoreNet(TINY, RECIPE, pretrained=str(tmp_path / "nowhere"))
+
+
+def test_unprepared_score_model_says_so() -> None:
+    with pytest.raises(RuntimeError, match="prepare"):
+        TrainedScoreNet(TINY, RECIPE).eps(torch.zeros(1, 1, 8, 8), 0.5)
+
+
+@pytest.mark.parametrize(("field", "value"), [("steps", 0), ("batch_size", -1), ("lr", 0.0)])
+def test_bad_recipe_names_the_value(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=f"{field}={value}"):
+        ScoreRecipe(**{field: value})
+
+
+def test_small_unet_refuses_sizes_it_cannot_halve() -> None:
+    with pytest.raises(ValueError, match="image_size=30"):
+        small_unet(1, 30, block_out_channels=(16, 32, 32))
+
+
+def test_prepare_parts_reaches_nested_parts(tmp_path: Path) -> None:
+    class Holder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.score = TrainedScoreNet(TINY, RECIPE, cache_dir=str(tmp_path))
+
+    described = prepare_parts(Holder(), digits(), torch.device("cpu"))
+    assert [d["part"] for d in described] == ["score"]
