@@ -434,6 +434,7 @@ def evaluate(
         raise
     finally:
         record.finished = datetime.now(UTC).isoformat(timespec="seconds")
+        record.defense_info["calls_per_purify"] = p.defense.calls_per_purify
         record.wall_s = time.perf_counter() - t0
         record.cost["wall_s"] = record.wall_s
         write_record(record, output_dir)
@@ -450,7 +451,6 @@ def _execute(cfg: DictConfig, p: _Plan, record: RunRecord, output_dir: Path) -> 
     record.defense_parts = prepare_parts(p.defense, p.dataset, p.device)
     defense = p.defense.to(p.device).eval()
     name = str(record.defense)
-    info = type(defense).info
     batch_size, seed, d = int(cfg.batch_size), int(cfg.seed), p.decision
     if p.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(p.device)
@@ -527,7 +527,7 @@ def _execute(cfg: DictConfig, p: _Plan, record: RunRecord, output_dir: Path) -> 
             view=view.options.to_dict(),
             rules=rules,
             passes=view.counter.snapshot(),
-            purifier_calls_per_image=purify_images * info.purifier_calls / n_att,
+            purifier_calls_per_image=purify_images * defense.calls_per_purify / n_att,
             peak_memory_mb=_peak_memory_mb(p.device),
             believed_fooled=believed,
             transfer_failure=transfer_failure,
@@ -547,7 +547,7 @@ def _execute(cfg: DictConfig, p: _Plan, record: RunRecord, output_dir: Path) -> 
     record.robust_acc = robust[d.headline]
     record.rules = {rule: {"clean": clean_accs[rule], "robust": robust[rule]} for rule in RULES}
     record.cost.update(
-        purifier_calls_per_image=total_purify * info.purifier_calls / len(y),
+        purifier_calls_per_image=total_purify * defense.calls_per_purify / len(y),
         peak_memory_mb=_peak_memory_mb(p.device),
         memory=("cuda allocator peak" if p.device.type == "cuda" else "process RSS high-water"),
     )

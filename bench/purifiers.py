@@ -57,6 +57,9 @@ class ScoreRecipe:
         n_train: train on the first ``n_train`` images of a seeded permutation (``None``: all).
         log_every: steps between two points of the recorded loss curve.
         eval_samples: test images of the final held-out denoising loss.
+        ema_decay: keep an exponential moving average of the weights and use it in the end
+            (standard for diffusion models: it denoises markedly better than the last iterate);
+            ``None`` keeps the last weights.
     """
 
     steps: int = 2000
@@ -65,6 +68,7 @@ class ScoreRecipe:
     n_train: int | None = None
     log_every: int = 50
     eval_samples: int = 1000
+    ema_decay: float | None = 0.999
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "eval_samples"):
@@ -73,6 +77,8 @@ class ScoreRecipe:
                 raise ConfigError(f"score recipe {name}={value!r} must be a positive integer")
         if not self.lr > 0:
             raise ConfigError(f"score recipe lr={self.lr!r} must be > 0")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"score recipe ema_decay={self.ema_decay!r} must be in (0, 1)")
 
 
 def train_score_net(
@@ -94,6 +100,11 @@ def train_score_net(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=recipe.steps, eta_min=recipe.lr / 10
     )
+    ema = None
+    if recipe.ema_decay is not None:
+        ema = torch.optim.swa_utils.AveragedModel(
+            net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(recipe.ema_decay)
+        )
     noise = torch.Generator(device=device).manual_seed(seed + 1)
     curve, window = [], []
     start = time.perf_counter()
@@ -107,12 +118,16 @@ def train_score_net(
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         optimizer.step()
         schedule.step()
+        if ema is not None:
+            ema.update_parameters(net)
         window.append(loss.item())
         if (step + 1) % recipe.log_every == 0 or step + 1 == recipe.steps:
             curve.append({"step": step + 1, "loss": sum(window) / len(window)})
             bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
             window = []
     train_s = time.perf_counter() - start
+    if ema is not None:
+        net.load_state_dict(ema.module.state_dict())
     net.eval()
     x_test, _ = dataset.test()
     held_out = _held_out_loss(score, x_test[: recipe.eval_samples], device, seed)

@@ -69,6 +69,15 @@ class Defense(nn.Module):
         """Return the purified images (same shape, device and range as ``x``)."""
         raise NotImplementedError
 
+    @property
+    def calls_per_purify(self) -> int:
+        """Purifier network evaluations per purified image of this configured instance.
+
+        ``info.purifier_calls`` is a static default; defenses whose cost depends on their
+        arguments (steps, samples) override this, and the harness's cost accounting reads it.
+        """
+        return type(self).info.purifier_calls
+
     def approx(self, x: Tensor) -> Tensor:
         """Differentiable stand-in for ``purify`` used by BPDA (identity by default)."""
         return x

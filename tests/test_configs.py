@@ -14,7 +14,7 @@ from bench.training import Recipe
 from defenses.base import Defense, DefenseInfo
 from tests.conftest import CONF_DIR
 
-ROOT_CONFIGS = {"eval.yaml", "train.yaml", "train_purifier.yaml"}
+ROOT_CONFIGS = {"eval.yaml", "train.yaml", "train_purifier.yaml", "fidelity.yaml"}
 
 
 def options(group: str) -> list[str]:

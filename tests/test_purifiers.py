@@ -114,3 +114,32 @@ def test_prepare_parts_reaches_nested_parts(tmp_path: Path) -> None:
 
     described = prepare_parts(Holder(), digits(), torch.device("cpu"))
     assert [d["part"] for d in described] == ["score"]
+
+
+def test_fidelity_measures_agreement_and_gradient_memory(compose_cfg, cache_dir: Path) -> None:
+    from bench.fidelity import agreement, gradient_peak_mb
+
+    overrides = [
+        "dataset=digits",
+        "defense=diffpure",
+        "defense.steps=4",
+        "n_samples=4",
+        "device=cpu",
+        f"paths.cache_dir={cache_dir}",
+        "classifier.recipe.epochs=10",
+        "classifier.recipe.lr=0.1",
+        "classifier.recipe.batch_size=64",
+        "defense.score.recipe.steps=20",
+        "defense.score.recipe.eval_samples=50",
+        "defense.score.arch.block_out_channels=[16,32,32]",
+    ]
+    # The reference against itself: the same noise, the same gradient.
+    same = compose_cfg([*overrides, "candidate.gradient=backprop"], config_name="fidelity")
+    result = agreement(same)
+    assert result["n"] == 4 and result["cosine_min"] == pytest.approx(1.0, abs=1e-5)
+    # The adjoint on 4 coarse steps is a different, approximate gradient; it is measured, not
+    # trusted (the measured cosine is the point of the tool).
+    adjoint = agreement(compose_cfg(overrides, config_name="fidelity"))
+    assert adjoint["candidate"] == {"gradient": "adjoint"}
+    assert -1 - 1e-6 <= adjoint["cosine_min"] <= adjoint["cosine_mean"] <= 1 + 1e-6
+    assert gradient_peak_mb(compose_cfg(overrides, config_name="fidelity")) >= 0
