@@ -215,19 +215,24 @@ def plan(cfg: DictConfig) -> _Plan:
     n_samples = _positive_int(cfg, "n_samples")
     _positive_int(cfg, "batch_size")
     device = resolve_device(str(cfg.device))
-    if not cfg.suite.get("attacks"):
-        raise ConfigError("the suite has no attacks; pick one with suite=<name>")
-    unknown_views = sorted(set(cfg.suite.get("views", {}) or {}) - set(cfg.suite.attacks))
+    if not cfg.suite.get("attacks") and not cfg.suite.get("clean_only", False):
+        raise ConfigError(
+            "the suite has no attacks; pick one with suite=<name> (suite=clean measures clean "
+            "accuracy only)"
+        )
+    unknown_views = sorted(
+        set(cfg.suite.get("views", {}) or {}) - set(cfg.suite.get("attacks") or {})
+    )
     if unknown_views:
         raise ConfigError(
             f"suite.views names {unknown_views}, which are not attacks of the suite; attacks: "
-            f"{', '.join(cfg.suite.attacks)}"
+            f"{', '.join(cfg.suite.get('attacks') or {}) or 'none'}"
         )
     defense = _instantiate(cfg.defense, "defense")
     if not isinstance(defense, Defense):
         raise ConfigError(f"defense config builds {type(defense).__name__}, not a defenses.Defense")
     attacks, views, kinds, returns_best, warnings = {}, {}, {}, {}, []
-    for name, node in cfg.suite.attacks.items():
+    for name, node in (cfg.suite.get("attacks") or {}).items():
         if node.get("norm", norm) != norm:
             raise ConfigError(
                 f"attack {name!r} has norm={node.norm!r} but the threat is {norm}; attacks take "
@@ -544,8 +549,12 @@ def _execute(cfg: DictConfig, p: _Plan, record: RunRecord, output_dir: Path) -> 
             log.warning("%s: %s", attack_name, w)
 
     robust = ledger.accuracies()
-    record.robust_acc = robust[d.headline]
-    record.rules = {rule: {"clean": clean_accs[rule], "robust": robust[rule]} for rule in RULES}
+    # A clean-only run (suite=clean) measures what purification costs; it claims no robustness.
+    record.robust_acc = robust[d.headline] if p.attacks else None
+    record.rules = {
+        rule: {"clean": clean_accs[rule], **({"robust": robust[rule]} if p.attacks else {})}
+        for rule in RULES
+    }
     record.cost.update(
         purifier_calls_per_image=total_purify * defense.calls_per_purify / len(y),
         peak_memory_mb=_peak_memory_mb(p.device),
@@ -553,14 +562,15 @@ def _execute(cfg: DictConfig, p: _Plan, record: RunRecord, output_dir: Path) -> 
     )
     _write_per_sample(ledger, p.indices, y, clean, d.headline, output_dir)
     record.per_sample_file = PER_SAMPLE_NAME
-    log.info(
-        "robust accuracy (worst case over %s, %s): %.2f%%",
-        ", ".join(p.attacks),
-        d.headline,
-        100 * record.robust_acc.value,
-    )
+    if record.robust_acc is not None:
+        log.info(
+            "robust accuracy (worst case over %s, %s): %.2f%%",
+            ", ".join(p.attacks),
+            d.headline,
+            100 * record.robust_acc.value,
+        )
 
-    if p.diagnostics.enabled:
+    if p.diagnostics.enabled and p.attacks:
         ok = clean_only.nonzero().squeeze(1)
         record.diagnostics = diagnose(
             DiagnosisInput(

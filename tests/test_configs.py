@@ -117,7 +117,7 @@ def test_defense_configs(compose_cfg, name: str) -> None:
 @pytest.mark.parametrize("name", options("suite"))
 def test_suite_configs(compose_cfg, name: str, tiny_model, batch) -> None:
     cfg = compose_cfg([f"suite={name}", "dataset=digits"])
-    assert cfg.suite.attacks, f"suite {name} has no attacks"
+    assert cfg.suite.attacks or cfg.suite.get("clean_only"), f"suite {name} has no attacks"
     for attack_cfg in cfg.suite.attacks.values():
         assert attack_cfg.eps == cfg.threat.eps and attack_cfg.norm == cfg.threat.norm
         instantiate(attack_cfg)(model=tiny_model)

@@ -171,6 +171,16 @@ def test_adaptive_suite_cascade_and_costs(compose_cfg, cache_dir: Path, tmp_path
     assert "blackbox_beats_whitebox" in record.diagnostics["checks"]
 
 
+def test_clean_only_suite_measures_what_purification_costs(
+    compose_cfg, cache_dir: Path, tmp_path: Path
+) -> None:
+    record = run_with(compose_cfg, cache_dir, tmp_path / "run", NOISE, "suite=clean")
+    assert record.attacks == {} and record.robust_acc is None and record.verdict == "not run"
+    assert record.clean_acc.value == record.rules["avg"]["clean"].value
+    assert set(record.rules["worst"]) == {"clean"}
+    assert record.rules["worst"]["clean"].value <= record.rules["avg"]["clean"].value
+
+
 def test_success_at_any_iterate_counts_what_the_attack_saw(
     compose_cfg, cache_dir: Path, tmp_path: Path
 ) -> None:
