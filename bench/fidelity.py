@@ -7,9 +7,10 @@ test images, through the run's own classifier:
   cross-entropy through a *candidate* configuration of the defense (e.g. DiffPure's stochastic
   adjoint, a surrogate with fewer steps) and through the *reference* (exact backprop), with the
   same generator seed, so both see the same noise;
-* **memory**: the peak resident memory one exact gradient adds, for several values of one
-  defense argument (e.g. ``steps``), each measured in a fresh process so that the high-water
-  mark is that gradient's alone, and the growth factor between the smallest and largest value.
+* **memory**: the peak memory one exact gradient adds (CUDA allocator peak; on a Linux CPU the
+  resident high-water mark, reset just before the gradient), for several values of one defense
+  argument (e.g. ``steps``), each in a fresh process, and the growth factor between the
+  smallest and the largest value.
 
 ``python -m bench.fidelity defense=diffpure`` (config ``conf/fidelity.yaml``) writes
 ``fidelity.json`` in its run dir and logs a summary.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -115,9 +117,37 @@ def gradient_peak_mb(cfg: DictConfig) -> float:
         base = torch.cuda.memory_allocated(device)
         input_gradient(defense, classifier, x, y, cfg.seed)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    if _reset_peak_rss():
+        # Linux: the high-water mark restarts here, so loading the data does not hide the peak.
+        base = _proc_status_mb("VmRSS")
+        input_gradient(defense, classifier, x, y, cfg.seed)
+        return _proc_status_mb("VmHWM") - base
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     input_gradient(defense, classifier, x, y, cfg.seed)
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+
+
+def _hydra_value(value: Any) -> str:
+    """A value as a Hydra override literal (``true``, not Python's ``True``)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak resident set size (Linux >= 4.0); False where impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _proc_status_mb(key: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise OSError(f"{key} not in /proc/self/status")
 
 
 def memory(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, Any]:
@@ -125,24 +155,30 @@ def memory(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, An
 
     Each value is measured in a fresh process, so the high-water mark is its gradient's alone.
     """
-    key, values = cfg.memory.key, list(cfg.memory.values)
+    key, values = cfg.memory.key, list(cfg.memory["values"])
     if len(values) < 2:
         raise ConfigError(f"memory.values={values} needs at least two values to give a growth")
-    peaks = {}
+    peaks, runs = {}, {}
     for value in values:
         extra = [f"++reference.{key}={value}", "hydra.output_subdir=null"]
         extra += [f"hydra.run.dir={out_dir / f'peak_{key}_{value}'}"]
-        extra += [f"++reference.{k}={v}" for k, v in cfg.memory.overrides.items()]
-        out = subprocess.run(
-            [sys.executable, "-m", "bench.fidelity", *overrides, *extra, "task=peak"],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        peaks[str(value)] = float(out.stdout.strip().splitlines()[-1])
+        extra += [f"++reference.{k}={_hydra_value(v)}" for k, v in cfg.memory.overrides.items()]
+        # Resident memory is a coarse, allocator-dependent measure: take the median of repeats.
+        samples = []
+        for _ in range(cfg.memory.repeats):
+            out = subprocess.run(
+                [sys.executable, "-m", "bench.fidelity", *overrides, *extra, "task=peak"],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            samples.append(float(out.stdout.strip().splitlines()[-1]))
+        runs[str(value)] = samples
+        peaks[str(value)] = statistics.median(samples)
     first, last = peaks[str(values[0])], peaks[str(values[-1])]
     return {
         "key": key,
         "overrides": OmegaConf.to_container(cfg.memory.overrides),
         "peak_mb": peaks,
+        "peak_mb_runs": runs,
         "value_ratio": values[-1] / values[0],
         "memory_ratio": last / max(first, 1e-9),
     }

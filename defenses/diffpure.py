@@ -86,7 +86,9 @@ class DiffPure(Defense):
             purifier (same ``t*``, method and Brownian seed, backprop gradients); ``None``:
             ``surrogate`` is ``purify``. (Default: None)
         t_end (float): time the reverse process stops at, in [0, ``t_star``); the score is
-            singular at 0. (Default: 1e-5)
+            singular at 0, and the adjoint's backward pass evaluates the drift at ``t_end``
+            itself, so a tiny ``t_end`` ruins adjoint gradients. (Default: 1e-3, Song et al.'s
+            VP sampling end)
 
     Shape:
         - Input: ``(N, C, H, W)`` in [0, 1].
@@ -117,7 +119,7 @@ class DiffPure(Defense):
         gradient: Gradient = "backprop",
         checkpoint: bool = False,
         surrogate_steps: int | None = None,
-        t_end: float = 1e-5,
+        t_end: float = 1e-3,
     ) -> None:
         super().__init__()
         _check_real("t_star", t_star, "in (0, 1]", lambda v: 0 < v <= 1)

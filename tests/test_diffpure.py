@@ -277,5 +277,5 @@ def test_config_composes_and_instantiates(compose_cfg) -> None:
     assert set(cfg.defense) - {"_target_"} == set(inspect.signature(DiffPure).parameters)
     defense = instantiate(cfg.defense)
     assert isinstance(defense, DiffPure) and isinstance(defense.score, TrainedScoreNet)
-    assert (defense.t_star, defense.steps, defense.method) == (0.3, 20, "sde")
+    assert (defense.t_star, defense.steps, defense.method) == (0.1, 20, "sde")
     assert defense.gradient == "backprop" and defense.surrogate_steps is None
