@@ -163,10 +163,18 @@ class _Diagnosis:
         self.stochastic = self.info.stochastic
         self.checks: dict[str, dict[str, Any]] = {}
         self._seed = inp.seed * 7919 + 17
-        # The probe attacks as the strongest white-box attack of the suite saw the defense.
+        # The probe attacks as the strongest white-box attack of the suite saw the defense:
+        # exact gradients and fresh randomness first, then the most EOT samples (a
+        # single-sample view of a stochastic defense would make every check measure noise).
         white = [n for n in inp.views if inp.kinds[n] == "white-box"]
-        exact = [n for n in white if inp.views[n].grad == "exact"]
-        chosen = (exact or white or [None])[0]
+        white.sort(
+            key=lambda n: (
+                inp.views[n].grad != "exact",
+                inp.views[n].randomness != "fresh",
+                -(inp.views[n].eot_samples or 1),
+            )
+        )
+        chosen = (white or [None])[0]
         if chosen is not None:
             self.probe_options = inp.views[chosen]
         else:

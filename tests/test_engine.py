@@ -269,3 +269,28 @@ class Declared(Quantize):
     from defenses.base import DefenseInfo
 
     info = DefenseInfo(stochastic=False, differentiable=False)
+
+
+def test_diagnostics_probe_attacks_like_the_strongest_white_box_view() -> None:
+    import torch
+
+    from bench.attack_view import ViewOptions
+    from bench.diagnostics import DiagnosisInput, DiagnosticsConfig, _Diagnosis
+    from tests.planted import GaussianNoise
+
+    views = {
+        "aa": ViewOptions(eot_samples=1),
+        "bpda": ViewOptions(grad="bpda", eot_samples=16),
+        "known": ViewOptions(eot_samples=16, randomness="known"),
+        "pgd": ViewOptions(eot_samples=4),
+        "transfer": ViewOptions(grad="transfer", eot_samples=1),
+    }
+    kinds = {n: "transfer" if n == "transfer" else "white-box" for n in views}
+    inp = DiagnosisInput(
+        classifier=torch.nn.Identity(), defense=GaussianNoise(), name="noise",
+        x=torch.zeros(0, 1, 8, 8), y=torch.zeros(0, dtype=torch.long), norm="Linf", eps=0.1,
+        device=torch.device("cpu"), views=views, kinds=kinds, attacks={}, results={},
+        returns_best={}, ledger=None, num_classes=10, seed=0, batch_size=8,
+    )  # fmt: skip
+    # Exact gradients and fresh noise first, then the most EOT samples.
+    assert _Diagnosis(inp, DiagnosticsConfig()).probe_from == "pgd"
