@@ -163,6 +163,7 @@ class _Diagnosis:
         self.stochastic = self.info.stochastic
         self.checks: dict[str, dict[str, Any]] = {}
         self._seed = inp.seed * 7919 + 17
+        self._climbing: float | None = None  # Pintor's loss indicator, set by the sweep
         # The probe attacks as the strongest white-box attack of the suite saw the defense:
         # exact gradients and fresh randomness first, then the most EOT samples (a
         # single-sample view of a stochastic defense would make every check measure noise).
@@ -357,7 +358,7 @@ class _Diagnosis:
         # Pintor et al.'s loss indicator fires on any loss still rising, which fixed-step PGD
         # shows on points it can never fool; what matters is whether more steps break more
         # images, so that decides and the loss indicator is reported beside it.
-        climbing = getattr(self, "_climbing", None)
+        climbing = self._climbing
         converged = more >= base - self.tolerance
         verb = "did not beat" if converged else "broke more images than"
         self.checks["incomplete_optimization"] = _check(

@@ -9,7 +9,10 @@ randomness is averaged (EOT); the defense only declares static facts about itsel
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from numbers import Real
 from typing import ClassVar
 
 import torch
@@ -115,3 +118,23 @@ def has_own_predict(defense: Defense) -> bool:
     Such a defense's decision is not a plain ``classifier(purify(x))``.
     """
     return type(defense).predict is not Defense.predict
+
+
+def check_real(name: str, value: object, allowed: str, ok: Callable[[float], bool]) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite real number satisfying ``ok``.
+
+    For defense constructors: the message names the argument, its value and what is allowed.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, Real)
+        or not math.isfinite(float(value))
+        or not ok(float(value))
+    ):
+        raise ValueError(f"{name}={value!r} must be a finite number {allowed}")
+
+
+def check_int(name: str, value: object, minimum: int) -> None:
+    """Raise ``ValueError`` unless ``value`` is an integer (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")

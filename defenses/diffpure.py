@@ -9,14 +9,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
-from numbers import Real
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as checkpoint_step
 
-from defenses.base import Defense, DefenseInfo
+from defenses.base import Defense, DefenseInfo, check_int, check_real
 from defenses.score import ScoreNet
 
 Method = Literal["sde", "ode"]
@@ -122,8 +121,8 @@ class DiffPure(Defense):
         t_end: float = 1e-3,
     ) -> None:
         super().__init__()
-        _check_real("t_star", t_star, "in (0, 1]", lambda v: 0 < v <= 1)
-        _check_int("steps", steps, 1)
+        check_real("t_star", t_star, "in (0, 1]", lambda v: 0 < v <= 1)
+        check_int("steps", steps, 1)
         if method not in _METHODS:
             raise ValueError(f"method={method!r} must be one of {_METHODS}")
         if gradient not in _GRADIENTS:
@@ -136,8 +135,8 @@ class DiffPure(Defense):
         if not isinstance(checkpoint, bool):
             raise ValueError(f"checkpoint={checkpoint!r} must be true or false")
         if surrogate_steps is not None:
-            _check_int("surrogate_steps", surrogate_steps, 1)
-        _check_real("t_end", t_end, f"in [0, t_star={t_star})", lambda v: 0 <= v < t_star)
+            check_int("surrogate_steps", surrogate_steps, 1)
+        check_real("t_end", t_end, f"in [0, t_star={t_star})", lambda v: 0 <= v < t_star)
         self.score = score
         self.t_star = float(t_star)
         self.steps = steps
@@ -309,18 +308,3 @@ def _brownian(x: Tensor, generator: torch.Generator, span: float, dt: float) -> 
         entropy=entropy,
         dt=dt,
     )
-
-
-def _check_real(name: str, value: object, allowed: str, ok: Callable[[float], bool]) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, Real)
-        or not math.isfinite(float(value))
-        or not ok(float(value))
-    ):
-        raise ValueError(f"{name}={value!r} must be a finite number {allowed}")
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")

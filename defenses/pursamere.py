@@ -7,16 +7,13 @@ is public; the algorithm here is a reconstruction (see :class:`PurSAMERE`).
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable
-from numbers import Real
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from defenses.base import Defense, DefenseInfo
+from defenses.base import Defense, DefenseInfo, check_int, check_real
 from defenses.score import ScoreNet
 
 log = logging.getLogger(__name__)
@@ -107,17 +104,17 @@ class PurSAMERE(Defense):
         surrogate_steps: int | None = None,
     ) -> None:
         super().__init__()
-        _check_real("sigma", sigma, "> 0", lambda v: v > 0)
-        _check_int("n_noise", n_noise, 1)
-        _check_int("steps", steps, 1)
-        _check_real("step_size", step_size, "> 0", lambda v: v > 0)
-        _check_real("sam_rho", sam_rho, ">= 0 (0 switches SAM off)", lambda v: v >= 0)
-        _check_real("radius", radius, "> 0", lambda v: v > 0)
-        _check_int("noise_seed", noise_seed, 0)
+        check_real("sigma", sigma, "> 0", lambda v: v > 0)
+        check_int("n_noise", n_noise, 1)
+        check_int("steps", steps, 1)
+        check_real("step_size", step_size, "> 0", lambda v: v > 0)
+        check_real("sam_rho", sam_rho, ">= 0 (0 switches SAM off)", lambda v: v >= 0)
+        check_real("radius", radius, "> 0", lambda v: v > 0)
+        check_int("noise_seed", noise_seed, 0)
         if not isinstance(checkpoint, bool):
             raise ValueError(f"checkpoint={checkpoint!r} must be true or false")
         if surrogate_steps is not None:
-            _check_int("surrogate_steps", surrogate_steps, 1)
+            check_int("surrogate_steps", surrogate_steps, 1)
             if surrogate_steps > steps:
                 raise ValueError(
                     f"surrogate_steps={surrogate_steps!r} must be at most steps={steps} (a "
@@ -290,18 +287,3 @@ def _unit(g: Tensor) -> Tensor:
     """``g / ||g||`` per image (L2 over C, H, W); zero where ``g`` is zero."""
     norm = g.flatten(1).norm(dim=1).clamp_min(_TINY)
     return g / norm.view(-1, *([1] * (g.dim() - 1)))
-
-
-def _check_real(name: str, value: object, allowed: str, ok: Callable[[float], bool]) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, Real)
-        or not math.isfinite(float(value))
-        or not ok(float(value))
-    ):
-        raise ValueError(f"{name}={value!r} must be a finite number {allowed}")
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
