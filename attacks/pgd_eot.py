@@ -212,6 +212,13 @@ class PGDEOT:
         unknown = [name for name in losses if name not in LOSSES]
         if unknown:
             raise ValueError(f"PGDEOT loss={unknown[0]!r} is unknown; allowed: {', '.join(LOSSES)}")
+        if len(losses) > restarts:
+            # Restart r uses loss[r % len(loss)]: the later losses would silently never run.
+            raise ValueError(
+                f"PGDEOT loss={losses!r} names {len(losses)} losses but restarts={restarts}: "
+                f"restart r uses loss[r % {len(losses)}], so {losses[restarts:]!r} would never "
+                f"run; set restarts >= {len(losses)}"
+            )
         if success not in SUCCESS_RULES:
             raise ValueError(
                 f"PGDEOT success={success!r} is not allowed; allowed: {', '.join(SUCCESS_RULES)}"

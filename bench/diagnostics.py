@@ -14,6 +14,8 @@ Checks (thresholds are documented here and nowhere else):
   whose margin-loss gradient through the attack view is zero or missing (graph cut); any fails
   (Pintor et al. 2022's "unavailable gradients"; AutoAttack's ``check_zero_gradients``). The
   margin loss is used because cross-entropy saturates on confident images.
+* The probe attack is the harness's PGD with cross-entropy, then a second run with the margin
+  loss on the points CE left unbroken (CE saturates on confident outputs).
 * ``unbounded``: PGD from the clean image (no random start) with eps covering the whole input
   space must bring accuracy to at most ``1 / num_classes`` (Athalye et al. 2018; Pintor et al.'s
   "unconstrained attack failure").
@@ -210,9 +212,12 @@ class _Diagnosis:
     ) -> tuple[float, PGDEOT]:
         """Accuracy (mean over judging draws) after the probe PGD at ``eps``."""
         view = self._view(options or self.probe_options)
+        # CE, then the margin loss on the points CE left unbroken: CE alone saturates on
+        # confident outputs (CARSO's aggregate), and a probe that cannot move them would flag
+        # "unbounded" for the probe's weakness rather than the evaluation's.
         attack = PGDEOT(
             view, norm=self.inp.norm, eps=eps, steps=steps, random_start=start, seed=self._seed,
-            step_size=step_size,
+            step_size=step_size, loss=["ce", "margin"], restarts=2,
         )  # fmt: skip
         correct, bs, dev = 0.0, self.inp.batch_size, self.inp.device
         judge = self._judge()

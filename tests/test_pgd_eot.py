@@ -383,6 +383,7 @@ def test_seed_reproducible(tiny_model, batch, norm: str) -> None:
         ({"loss": "xent"}, "'xent'"),
         ({"loss": ["ce", "hinge"]}, "'hinge'"),
         ({"loss": []}, "loss=[]"),
+        ({"loss": ["ce", "margin"]}, "restarts=1"),  # margin would never run
         ({"eot_reduce": "mean"}, "'mean'"),
         ({"defense_loss_weight": -0.5}, "defense_loss_weight=-0.5"),
         ({"check_reps": -1}, "check_reps=-1"),
