@@ -317,7 +317,11 @@ def test_paper_experiment_composes(compose_cfg) -> None:
 def test_variants_and_suite_compose(compose_cfg) -> None:
     rt3 = instantiate(compose_cfg(["defense=atop_rt3", "dataset=digits"]).defense)
     assert rt3.rt.kind == "rt3" and rt3.calls_per_purify == 4
-    assert rt3.purifier.train_fn.keywords["rt"].kind == "rt3", "trained as deployed"
+    # RT3's passes are RT2 inputs: it deploys atop's inpainter, one cache entry for both.
+    assert rt3.purifier.train_fn.keywords["rt"].kind == "rt2"
+    cfg = compose_cfg(["defense=atop", "dataset=digits"])
+    rt2, data, info = instantiate(cfg.defense), instantiate(cfg.dataset), {"cache_key": "k"}
+    assert rt3.purifier.spec(data, info) == rt2.purifier.spec(data, info)
     plain = compose_cfg(["defense=atop_pretrained", "dataset=digits"]).defense
     assert plain.purifier.train is None and plain.purifier.init.train.steps > 0
     suite = compose_cfg(["suite=compare_atop"]).suite
