@@ -219,6 +219,9 @@ def test_bad_defense_and_training_arguments_name_the_value() -> None:
         finetune(Inpainter(1, width=4), ctx, rt=RandomTransform(), eps=0.1, steps=1)
     with pytest.raises(ValueError, match="lam=-1"):
         finetune(Inpainter(1, width=4), ctx, rt=RandomTransform(), eps=0.1, steps=1, lam=-1)
+    with pytest.raises(ValueError, match="clean_fraction=1.5"):
+        finetune(Inpainter(1, width=4), ctx, rt=RandomTransform(), eps=0.1, steps=1,
+                 clean_fraction=1.5)  # fmt: skip
 
 
 # -- 4. training --------------------------------------------------------------------------------
@@ -250,6 +253,28 @@ def test_training_functions_report_their_metrics() -> None:
     assert {"l1", "ce"} <= set(fine["loss_curve"][0])
     for key in ("test_l1", "test_acc", "test_acc_fgsm", "bare_acc", "bare_acc_fgsm", "train_s"):
         assert key in fine
+
+
+@pytest.mark.parametrize(("clean_fraction", "adversarial"), [(0.0, 8), (0.5, 4), (1.0, 0)])
+def test_clean_fraction_keeps_that_share_of_each_batch_clean(
+    monkeypatch: pytest.MonkeyPatch, clean_fraction: float, adversarial: int
+) -> None:
+    import defenses.atop as atop
+
+    crafted: list[int] = []
+
+    def counting_fgsm(f: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
+        crafted.append(len(x))
+        return _fgsm(f, x, y, eps)
+
+    monkeypatch.setattr(atop, "_fgsm", counting_fgsm)
+    held_out = dict.fromkeys(
+        ("test_l1", "test_acc", "test_acc_fgsm", "bare_acc", "bare_acc_fgsm"), 0.0
+    )
+    monkeypatch.setattr(atop, "_held_out", lambda *args, **kwargs: held_out)  # crafts its own
+    finetune(Inpainter(1, width=4), _ctx(tiny_classifier(DIGITS)), rt=RandomTransform(), eps=0.1,
+             steps=2, batch_size=8, clean_fraction=clean_fraction)  # fmt: skip
+    assert crafted == ([adversarial] * 2 if adversarial else [])
 
 
 def _prepare(compose_cfg, tmp_path: Path, defense: str) -> tuple[AToP, list[dict]]:
