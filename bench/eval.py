@@ -36,7 +36,7 @@ from attacks.base import NORMS, Attack
 from bench.attack_view import AttackView, ViewOptions
 from bench.config import CONF_DIR
 from bench.data import ImageDataset, eval_subset
-from bench.devices import resolve_device
+from bench.devices import proc_status_mb, reset_peak_rss, resolve_device
 from bench.diagnostics import DiagnosisInput, DiagnosticsConfig, diagnose, verdict
 from bench.errors import ConfigError, PureBenchError, ThreatModelViolation
 from bench.leaderboard import build_leaderboard, collect_records
@@ -456,11 +456,22 @@ def _run_attack(
     return output, totals
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start a new high-water mark (a sweep's worker process runs many jobs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
+
+
 def _peak_memory_mb(device: torch.device) -> float:
+    """The high-water mark since :func:`_reset_peak_memory` (CUDA allocator, or resident set)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    # ru_maxrss is in KiB on Linux: the process's high-water mark, not this attack's alone.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        return proc_status_mb("VmHWM")
+    except OSError:  # not Linux: ru_maxrss (KiB on Linux, bytes on macOS), the process's lifetime
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def evaluate(
@@ -584,8 +595,8 @@ def _execute(
     defense = p.defense.to(p.device).eval()
     name = str(record.defense)
     batch_size, seed, d = int(cfg.batch_size), int(cfg.seed), p.decision
-    if p.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(p.device)
+    _reset_peak_memory(p.device)
+    phase_peaks: list[float] = []  # the clean phase's and each attack's high-water mark
 
     eval_view = AttackView(
         classifier,
@@ -622,8 +633,8 @@ def _execute(
         mask = ledger.alive() if p.cascade else clean_only
         targets = mask.nonzero().squeeze(1)
         attack = make(model=view)
-        if p.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(p.device)
+        phase_peaks.append(_peak_memory_mb(p.device))
+        _reset_peak_memory(p.device)
         out, totals = _run_attack(
             attack_name,
             attack,
@@ -691,7 +702,7 @@ def _execute(
     }
     record.cost.update(
         purifier_calls_per_image=total_purify * defense.calls_per_purify / len(y),
-        peak_memory_mb=_peak_memory_mb(p.device),
+        peak_memory_mb=max([*phase_peaks, _peak_memory_mb(p.device)]),
         memory=("cuda allocator peak" if p.device.type == "cuda" else "process RSS high-water"),
     )
     _write_per_sample(ledger, p.indices, y, clean, d.headline, output_dir)

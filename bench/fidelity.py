@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from bench.config import CONF_DIR
 from bench.data import eval_subset
-from bench.devices import resolve_device
+from bench.devices import proc_status_mb, reset_peak_rss, resolve_device
 from bench.errors import ConfigError
 from bench.purifiers import prepare_parts
 from bench.records import write_json_atomic
@@ -127,11 +127,11 @@ def gradient_peak_mb(cfg: DictConfig) -> float:
         base = torch.cuda.memory_allocated(device)
         input_gradient(defense, classifier, x, y, cfg.seed)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    if _reset_peak_rss():
+    if reset_peak_rss():
         # Linux: the high-water mark restarts here, so loading the data does not hide the peak.
-        base = _proc_status_mb("VmRSS")
+        base = proc_status_mb("VmRSS")
         input_gradient(defense, classifier, x, y, cfg.seed)
-        return _proc_status_mb("VmHWM") - base
+        return proc_status_mb("VmHWM") - base
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     input_gradient(defense, classifier, x, y, cfg.seed)
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
@@ -140,24 +140,6 @@ def gradient_peak_mb(cfg: DictConfig) -> float:
 def _hydra_value(value: Any) -> str:
     """A value as a Hydra override literal (``true``, not Python's ``True``)."""
     return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak resident set size (Linux >= 4.0); False where impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _proc_status_mb(key: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1]) / 1024  # kB
-    raise OSError(f"{key} not in /proc/self/status")
 
 
 def memory(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, Any]:

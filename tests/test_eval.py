@@ -145,3 +145,17 @@ def test_check_threat(norm: str) -> None:
         check_threat(x, x + 1.5 * delta, norm, 0.1, "a")
     with pytest.raises(ThreatModelViolation, match=r"left \[0, 1\]"):
         check_threat(x, x + 0.9, norm, 10.0, "a")
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_peak_memory_restarts_for_each_job_of_a_worker_process() -> None:
+    # A sweep's worker runs many jobs: each must report its own peak, not the largest so far.
+    from bench.eval import _peak_memory_mb, _reset_peak_memory
+
+    cpu = torch.device("cpu")
+    _reset_peak_memory(cpu)
+    big = torch.ones(64 * 2**20)  # 256 MiB, touched
+    del big
+    high = _peak_memory_mb(cpu)
+    _reset_peak_memory(cpu)
+    assert _peak_memory_mb(cpu) < high - 200
