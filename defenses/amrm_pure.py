@@ -234,18 +234,7 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def mae_vit(
-    ctx: PartContext,
-    *,
-    patch_size: int = 4,
-    width: int = 64,
-    depth: int = 4,
-    heads: int = 4,
-    decoder_width: int = 64,
-    decoder_depth: int = 2,
-    decoder_heads: int = 4,
-    mlp_ratio: float = 2.0,
-) -> MAE:
+def mae_vit(ctx: PartContext, **kwargs: Any) -> MAE:
     """Factory of the :class:`MAE` for the dataset in ``ctx`` (``TrainedPart``'s ``arch``).
 
     The defaults are the tiny MAE of the small variant (patch 4 on 28x28: 49 tokens, width 64,
@@ -254,9 +243,7 @@ def mae_vit(
     mlp_ratio=4``. ``patch_size`` must divide the image (2 or 4 for 8x8 digits).
     """
     c, h, w = ctx.shape
-    return MAE(c, (h, w), patch_size=patch_size, width=width, depth=depth, heads=heads,
-               decoder_width=decoder_width, decoder_depth=decoder_depth,
-               decoder_heads=decoder_heads, mlp_ratio=mlp_ratio)  # fmt: skip
+    return MAE(c, (h, w), **kwargs)
 
 
 def _draw_noise(n: int, length: int, generator: torch.Generator, device: torch.device) -> Tensor:

@@ -261,6 +261,7 @@ class CVAE(nn.Module):
                           ("decoder_channels", decoder_channels)):  # fmt: skip
             if not seq or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in seq):
                 raise ValueError(f"{name}={list(seq)!r} must be a non-empty list of positive ints")
+        encoder_channels, decoder_channels = tuple(encoder_channels), tuple(decoder_channels)
         if not activation_shapes:
             raise ValueError("activation_shapes is empty: CARSO needs at least one activation")
         self.image_shape = tuple(int(v) for v in image_shape)
@@ -367,14 +368,7 @@ def arch(
     *,
     layer_types: Sequence[str] = ("ReLU",),
     layers: Sequence[str] = (),
-    compressor_depth: int = 2,
-    compressor_stride: int = 2,
-    compressor_min_channels: int = 8,
-    code_dim: int = 64,
-    encoder_channels: Sequence[int] = (4, 8),
-    hidden: int = 64,
-    latent_dim: int = 16,
-    decoder_channels: Sequence[int] = (64, 32, 16),
+    **kwargs: Any,
 ) -> CVAE:
     """The CVAE for ``ctx``'s images and classifier (the factory of CARSO's ``TrainedPart``).
 
@@ -393,14 +387,8 @@ def arch(
         ctx.classifier(ctx.x_train[:2].to(ctx.device))
     shapes = [tuple(a.shape[1:]) for a in seen]
     log.info("CARSO conditions on %d activations of shapes %s", len(shapes), shapes)
-    return CVAE(
-        ctx.shape, ctx.num_classes, shapes,
-        layer_types=layer_types, layers=layers,
-        compressor_depth=compressor_depth, compressor_stride=compressor_stride,
-        compressor_min_channels=compressor_min_channels, code_dim=code_dim,
-        encoder_channels=tuple(encoder_channels), hidden=hidden, latent_dim=latent_dim,
-        decoder_channels=tuple(decoder_channels),
-    )  # fmt: skip
+    return CVAE(ctx.shape, ctx.num_classes, shapes, layer_types=layer_types, layers=layers,
+                **kwargs)  # fmt: skip
 
 
 # -- training --------------------------------------------------------------------------------
