@@ -35,8 +35,11 @@ Checks (thresholds are documented here and nowhere else):
   needed). The relative standard deviation of its loss is reported beside it.
 * ``transfer_failure``: an approximate-gradient or transfer attack's fooled images did not
   fool the real defense (more than 10% of them) while the suite has no exact-gradient attack.
-* ``blackbox_beats_whitebox``: a black-box or transfer attack broke images (more than 0.2% of
-  the subset) that survived every white-box attack: gradient masking.
+* ``blackbox_beats_whitebox``: a black-box or transfer attack broke images (most of their
+  judging draws wrong) that survived every white-box attack (most draws right), more than 0.2%
+  of the subset and, for stochastic defenses, more than chance alone explains (the expected
+  count from the survivors' own per-draw accuracies, plus two standard deviations): gradient
+  masking.
 """
 
 from __future__ import annotations
@@ -429,18 +432,45 @@ class _Diagnosis:
         other = [n for n in self.inp.views if self.inp.kinds[n] != "white-box"]
         if not white or not other:
             return
-        survive_white = ledger.flags(["clean", *white])["single"]
-        broken = {}
+        # Per image, the worst share of correct draws over the white-box stages that judged
+        # it; a survivor is correct in most draws of every one of them.
+        stages = {s.name: s for s in ledger.stages}
+        p_white = torch.ones(ledger.n)
+        for n in white:
+            share = stages[n].correct.float().mean(0)
+            p_white = torch.where(stages[n].attacked, torch.minimum(p_white, share), p_white)
+        survived = ledger.flags(["clean"])["vote"] & (p_white > 0.5)
+        # A survivor's fresh draws are mostly wrong now and then by chance alone (stochastic
+        # defenses): under "no better than white-box" that happens with probability
+        # q = P(Binomial(draws, 1 - p) > draws / 2). Broken counts beyond that expectation (plus
+        # two standard deviations) and beyond 0.2% of the subset are gradient masking.
+        q = _majority_wrong(p_white, ledger.draws)
+        broken, expected, failed = {}, {}, False
         for n in other:
-            stage = next(s for s in ledger.stages if s.name == n)
-            broken[n] = int((survive_white & stage.attacked & ~stage.correct[0]).sum())
-        worst = max(broken.values())
+            stage = stages[n]
+            at = survived & stage.attacked
+            wrong = 1 - stage.correct.float().mean(0) > 0.5
+            broken[n] = int((at & wrong).sum())
+            mean, var = q[at].sum().item(), (q[at] * (1 - q[at])).sum().item()
+            expected[n] = round(mean, 2)
+            failed |= broken[n] > max(mean + 2 * math.sqrt(var), 0.002 * ledger.n)
+        chance = f" (by chance alone: {expected})" if ledger.draws > 1 else ""
         self.checks["blackbox_beats_whitebox"] = _check(
-            worst <= 0.002 * ledger.n,
-            broken,
-            "images broken by black-box or transfer attacks that survived every white-box "
-            f"attack: {broken}",
+            not failed,
+            {"broken": broken, "expected_by_chance": expected},
+            "images broken by black-box or transfer attacks (most draws wrong) that survived "
+            f"every white-box attack: {broken}{chance}",
         )
+
+
+def _majority_wrong(p_correct: Tensor, draws: int) -> Tensor:
+    """Per image, the probability that more than half of ``draws`` fresh draws are wrong."""
+    k_min = draws // 2 + 1
+    p_wrong = (1 - p_correct).double()
+    out = torch.zeros_like(p_wrong)
+    for k in range(k_min, draws + 1):
+        out += math.comb(draws, k) * p_wrong**k * (1 - p_wrong) ** (draws - k)
+    return out.float()
 
 
 def diagnose(inp: DiagnosisInput, cfg: DiagnosticsConfig) -> dict[str, Any]:

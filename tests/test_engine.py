@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import torch
 from omegaconf import OmegaConf, open_dict
 
 from bench.diagnostics import verdict
@@ -293,3 +294,39 @@ def test_diagnostics_probe_attacks_like_the_strongest_white_box_view() -> None:
     )  # fmt: skip
     # Exact gradients and fresh noise first, then the most EOT samples.
     assert _Diagnosis(inp, DiagnosticsConfig()).probe_from == "pgd"
+
+
+def _blackbox_check(white_p: float, black_p: float, draws: int = 4, n: int = 400) -> dict:
+    """The blackbox check on a synthetic ledger: every image survives clean; the white-box and
+    the black-box stage judge each image correct with the given per-draw probabilities."""
+    from types import SimpleNamespace
+
+    from bench.diagnostics import _Diagnosis
+    from bench.robust_eval import Ledger
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.zeros(n, dtype=torch.long)
+    ledger = Ledger(labels, draws=draws, vote=draws)
+    every = torch.ones(n, dtype=torch.bool)
+    ledger.add("clean", torch.zeros(draws, n, dtype=torch.long), every)
+    for name, p in (("pgd", white_p), ("square", black_p)):
+        preds = (torch.rand(draws, n, generator=gen) > p).long()  # class 1 is wrong
+        ledger.add(name, preds, every)
+    fake = SimpleNamespace(
+        inp=SimpleNamespace(ledger=ledger, views={"pgd": None, "square": None},
+                            kinds={"pgd": "white-box", "square": "black-box"}),
+        checks={},
+    )  # fmt: skip
+    _Diagnosis.blackbox(fake)  # type: ignore[arg-type]
+    return fake.checks["blackbox_beats_whitebox"]
+
+
+def test_blackbox_check_allows_for_the_randomness_of_stochastic_defenses() -> None:
+    # Fresh draws of a defense that is right 80% of the time are sometimes mostly wrong: that
+    # alone must not read as gradient masking; a black-box attack that breaks survivors must.
+    assert _blackbox_check(white_p=0.8, black_p=0.8)["passed"]
+    broken = _blackbox_check(white_p=0.8, black_p=0.3)
+    assert not broken["passed"] and broken["value"]["broken"]["square"] > 100
+    # Deterministic (one draw): any survivor the black-box attack breaks beyond 0.2% counts.
+    assert _blackbox_check(white_p=1.0, black_p=1.0, draws=1)["passed"]
+    assert not _blackbox_check(white_p=1.0, black_p=0.99, draws=1)["passed"]
