@@ -442,9 +442,10 @@ class PGDEOT:
         """Success per point: the ``success`` rule on the logits ``(K, N, C)`` at hand.
 
         With ``check_reps > 0``, on logits averaged over about ``check_reps`` fresh
-        purifications instead.
+        purifications instead; a model that says it is deterministic (``model.stochastic`` is
+        false) would only repeat the logits at hand, so they are used as they are.
         """
-        if self.check_reps > 0:
+        if self.check_reps > 0 and getattr(self.model, "stochastic", True):
             k = max(int(getattr(self.model, "eot_samples", 1) or 1), 1)
             reps = math.ceil(self.check_reps / k)
             with torch.inference_mode():

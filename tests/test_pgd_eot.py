@@ -431,6 +431,16 @@ def test_check_reps_adds_forward_calls(batch, check_reps: int, per_iterate: int)
     assert model.calls == (steps + 1) * per_iterate
 
 
+def test_check_reps_skip_a_deterministic_model(batch) -> None:
+    # A deterministic model's extra passes would repeat the logits at hand: none are made.
+    x, _ = batch
+    model = Counting()
+    model.stochastic = False  # type: ignore[attr-defined]
+    attack = PGDEOT(model, norm="Linf", eps=0.01, steps=3, check_reps=10)
+    attack(x, torch.zeros(len(x), dtype=torch.long))
+    assert model.calls == 3 + 1
+
+
 def test_auto_early_stop_keeps_attacking_points_of_a_stochastic_view() -> None:
     class Flagged(torch.nn.Linear):
         stochastic = False
