@@ -196,3 +196,31 @@ def test_known_randomness_judges_each_draw_with_one_known_seed(tiny_model, batch
             expected = tiny_model(defense.purify(x, generator=g)).argmax(1)
         assert torch.equal(preds[d], expected), f"draw {d} is one purification with its seed"
     assert torch.equal(preds[0], preds[3]) and not torch.equal(preds[0], preds[1])
+
+
+def test_autoattack_takes_one_gradient_sample_on_a_deterministic_view(
+    tiny_model, batch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # EOT over a deterministic view averages identical gradients: one sample is the same attack.
+    from attacks import autoattack
+
+    seen: list[int] = []
+
+    def run(self, x, y, batch_size=None):  # noqa: ANN001, ANN202 - pyautoattack's signature
+        seen.append(self.apgd.eot_iter)
+        return x, None
+
+    monkeypatch.setattr(autoattack._PyAutoAttack, "run_standard_evaluation", run)
+    x, y = batch
+    for defense, version, samples in (
+        (Blur(), "custom", 1),
+        (Blur(), "rand", 1),
+        (GaussianNoise(0.1), "custom", 4),
+        (GaussianNoise(0.1), "rand", 20),
+    ):
+        view = AttackView(tiny_model, defense, ViewOptions(eot_samples=1))
+        custom = {"attacks": ["apgd-ce"], "eot_iter": 4} if version == "custom" else {}
+        attack = autoattack.AutoAttack(view, norm="Linf", eps=0.05, version=version, **custom)
+        assert attack.internal_eot == samples
+        attack(x[:4], y[:4])
+        assert seen.pop() == samples
