@@ -55,7 +55,7 @@ class PurSAMERE(Defense):
         score (ScoreNet): the shared noise-conditional score model; its denoiser is ``D``.
         sigma (float): noise level of the ERE in [0, 1] pixel units (``2 * sigma`` in the
             denoiser's [-1, 1] units). (Default: 0.25)
-        n_noise (int): ``K``, the fixed noise draws averaged in the ERE. (Default: 2)
+        n_noise (int): ``K``, the fixed noise draws averaged in the ERE. (Default: 1)
         steps (int): ``T``, SAM descent steps. (Default: 10)
         step_size (float): L2 length of each normalised descent step, [0, 1] units.
             (Default: 0.3)
@@ -86,7 +86,7 @@ class PurSAMERE(Defense):
         differentiable=True,
         iterative=True,
         paper="https://arxiv.org/abs/2602.06269",
-        purifier_calls=40,  # 2 * K * T at the defaults; calls_per_purify has the actual count
+        purifier_calls=20,  # 2 * K * T at the defaults; calls_per_purify has the actual count
     )
 
     def __init__(
@@ -94,7 +94,7 @@ class PurSAMERE(Defense):
         score: ScoreNet,
         *,
         sigma: float = 0.25,
-        n_noise: int = 2,
+        n_noise: int = 1,
         steps: int = 10,
         step_size: float = 0.3,
         sam_rho: float = 0.5,

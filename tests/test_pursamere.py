@@ -44,7 +44,8 @@ def score(unet: nn.Module) -> ScoreNet:
 
 
 def make(score: ScoreNet, **kwargs) -> PurSAMERE:
-    return PurSAMERE(score, **{"steps": 3, **kwargs}).eval()
+    # Two noise draws (the default is one), so the tests see the ERE average over K.
+    return PurSAMERE(score, **{"steps": 3, "n_noise": 2, **kwargs}).eval()
 
 
 def images(n: int = 6, seed: int = 0) -> Tensor:
