@@ -540,7 +540,7 @@ def evaluate(
     state = ResumeState(_resume_path(cfg, record), record.fingerprint)
     examples: dict[str, Tensor] = {}
     try:
-        examples = _execute(cfg, p, record, output_dir, state)
+        examples = _execute(cfg, p, record, output_dir, state, t0)
         record.status = "completed"
     except Exception as err:
         record.error = "".join(traceback.format_exception_only(err)).strip()
@@ -551,6 +551,9 @@ def evaluate(
         record.defense_info["calls_per_purify"] = p.defense.calls_per_purify
         record.wall_s = time.perf_counter() - t0
         record.cost["wall_s"] = record.wall_s
+        # The evaluation's own time: a cold run's wall time is mostly training (or waiting for
+        # another job of the sweep to finish training a shared network), not the defense's cost.
+        record.cost["eval_s"] = record.wall_s - record.cost.get("setup_s", 0.0)
         write_record(record, output_dir)
         _log_dashboard(cfg, p, record, examples)
     state.clear()  # only reached when the run completed and its record is written
@@ -579,9 +582,13 @@ def _resume_path(cfg: DictConfig, record: RunRecord) -> Path:
 
 
 def _execute(
-    cfg: DictConfig, p: _Plan, record: RunRecord, output_dir: Path, state: ResumeState
+    cfg: DictConfig, p: _Plan, record: RunRecord, output_dir: Path, state: ResumeState, t0: float
 ) -> dict[str, Tensor]:
-    """Run the evaluation into ``record``; return a few images per stage for the dashboard."""
+    """Run the evaluation into ``record``; return a few images per stage for the dashboard.
+
+    ``record.cost["setup_s"]`` gets the seconds from ``t0`` (the run's start) until the data,
+    classifier and defense parts are ready: loading, or training and caching them.
+    """
     x_test, y_test = p.dataset.test()
     x, y = x_test[p.indices], y_test[p.indices]
     classifier = p.classifier.load(p.dataset, p.device)
@@ -592,6 +599,7 @@ def _execute(
         p.defense, p.dataset, p.device, classifier=classifier,
         classifier_info=record.classifier_info,
     )  # fmt: skip
+    record.cost["setup_s"] = time.perf_counter() - t0
     defense = p.defense.to(p.device).eval()
     name = str(record.defense)
     batch_size, seed, d = int(cfg.batch_size), int(cfg.seed), p.decision

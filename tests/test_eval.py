@@ -60,6 +60,20 @@ def test_end_to_end_on_digits(compose_cfg, cache_dir: Path, tmp_path: Path) -> N
     assert record.robust_acc.value < record.clean_acc.value - 0.2
 
 
+def test_training_a_missing_network_is_setup_not_evaluation_cost(
+    compose_cfg, tmp_path: Path
+) -> None:
+    # A fresh cache: this run trains its classifier before evaluating.
+    out = tmp_path / "run"
+    record = run(compose_cfg, tmp_path / "cold-cache", out, "n_samples=16")
+    cost = json.loads((out / "record.json").read_text())["cost"]
+    assert record.classifier_info["kind"] == "trained"
+    train_s = record.classifier_info["training"]["train_s"]
+    assert cost["setup_s"] >= train_s > 0
+    assert cost["eval_s"] == pytest.approx(record.wall_s - cost["setup_s"])
+    assert 0 < cost["eval_s"] < record.wall_s
+
+
 def record_n_test() -> int:
     from bench.data import digits
 

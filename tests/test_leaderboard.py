@@ -147,6 +147,9 @@ def test_rule_gradient_modes_cost_and_paper_columns() -> None:
     assert row["rule"] == "avg over 10" and row["robust worst@N"] == 5.0
     assert row["grad"] == "bpda EOT-4, transfer"
     assert row["calls/img"] == 456.0 and row["s/img"] == 0.5 and row["calls/bpda"] == 123.4
+    # Seconds per image count the evaluation, not the training a cold run did first.
+    r.cost = {"purifier_calls_per_image": 456.0, "wall_s": 50.0, "setup_s": 40.0, "eval_s": 10.0}
+    assert build_leaderboard([r]).loc[0, "s/img"] == 0.1
     assert row["paper clean"] == 89.02 and row["paper robust"] == 70.64
     assert row["paper ref"] == "AutoAttack rand, Table 2"
     assert table.loc["none", "grad"] == "exact" and table.loc["none", "rule"] == "single"
