@@ -144,9 +144,7 @@ class AutoAttack:
         attack view of a deterministic defense) every EOT sample is the same gradient, and
         their mean is that gradient: one sample gives the same attack at a fraction of the cost.
         """
-        if getattr(self.model, "stochastic", True) is False and (
-            self.version == "rand" or (self.eot_iter or 1) > 1
-        ):
+        if getattr(self.model, "stochastic", True) is False:
             return 1
         return self.eot_iter
 
