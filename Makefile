@@ -38,7 +38,7 @@ bench: data ## train what is missing, evaluate every defense on Fashion-MNIST (q
 	cat results/leaderboard.md
 
 perf: $(STAMP) ## benchmark the evaluation engine on Fashion-MNIST (results/perf.md, results/perf.json)
-	$(PY) -m bench.perf
+	$(PY) -m bench.tools.perf
 
 leaderboard: $(STAMP) ## rebuild results/leaderboard.{md,csv,html} from make bench's records (results/bench)
 	$(PUREBENCH) leaderboard results/bench --out results

@@ -10,9 +10,9 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "evaluate": "bench.eval",
-    "RunRecord": "bench.records",
-    "build_leaderboard": "bench.leaderboard",
+    "evaluate": "bench.run",
+    "RunRecord": "bench.reporting.records",
+    "build_leaderboard": "bench.reporting.leaderboard",
     "Defense": "defenses.base",
     "DefenseInfo": "defenses.base",
 }

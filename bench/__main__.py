@@ -1,6 +1,6 @@
 """``python -m bench [overrides...]``: one evaluation (or a sweep with ``-m``)."""
 
-from bench.eval import main
+from bench.run import main
 
 if __name__ == "__main__":
     main()

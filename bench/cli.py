@@ -26,11 +26,11 @@ def _hydra_app(name: str, argv: list[str]) -> None:
     # Hydra parses sys.argv itself; hand it the overrides as if it had been called directly.
     sys.argv = [f"purebench {name}", *argv]
     if name == "run":
-        from bench.eval import main
+        from bench.run import main
     elif any(arg.startswith("purifier=") for arg in argv):
-        from bench.purifiers import main
+        from bench.train import part_main as main
     else:
-        from bench.training import main
+        from bench.train import classifier_main as main
     main()
 
 
@@ -41,7 +41,7 @@ def _leaderboard(argv: list[str]) -> None:
         "--out", default="results", help="where leaderboard.{md,csv,html} and figures/ go"
     )
     args = parser.parse_args(argv)
-    from bench.leaderboard import ShardConflictError, write_leaderboard
+    from bench.reporting.leaderboard import ShardConflictError, write_leaderboard
 
     try:
         written = write_leaderboard(Path(args.dir), Path(args.out))
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "leaderboard":
         _leaderboard(rest)
     elif command == "data":
-        from bench.errors import PureBenchError
+        from common.errors import PureBenchError
 
         try:
             _data(rest)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torchvision import datasets
 
-from bench.errors import ConfigError, DataNotFoundError
+from common.errors import ConfigError, DataNotFoundError
 
 logger = logging.getLogger(__name__)
 

@@ -324,10 +324,19 @@ def train_mae(
             by_ratio[str(ratio)] = _held_out_mse(net, x_test, ctx, ratio)
         except ValueError:  # too few patches for this ratio (tiny test images)
             continue
-    log.info("MAE trained in %.0f s: final loss %.4f, test masked MSE %.4f", train_s,
-             curve[-1]["loss"], test_loss)  # fmt: skip
-    return {"loss_curve": curve, "test_masked_mse": test_loss, "test_masked_mse_by_ratio":
-            by_ratio, "n_train": len(x), "train_s": train_s}  # fmt: skip
+    log.info(
+        "MAE trained in %.0f s: final loss %.4f, test masked MSE %.4f",
+        train_s,
+        curve[-1]["loss"],
+        test_loss,
+    )
+    return {
+        "loss_curve": curve,
+        "test_masked_mse": test_loss,
+        "test_masked_mse_by_ratio": by_ratio,
+        "n_train": len(x),
+        "train_s": train_s,
+    }
 
 
 @torch.no_grad()
@@ -432,10 +441,22 @@ def finetune_ramrm(
     net.eval()
     after = _recon_accuracy(net, classifier, x_test, y_test, mask_ratio, eps, attack_steps, ctx)
     test_loss = _held_out_mse(net, ctx.x_test[:1000], ctx, mask_ratio)
-    log.info("RAMRM fine-tuning in %.0f s: recon clean/adv acc %.3f/%.3f -> %.3f/%.3f",
-             train_s, before["clean"], before["adv"], after["clean"], after["adv"])  # fmt: skip
-    return {"loss_curve": curve, "recon_acc_before": before, "recon_acc_after": after,
-            "test_masked_mse": test_loss, "n_train": len(x_all), "train_s": train_s}  # fmt: skip
+    log.info(
+        "RAMRM fine-tuning in %.0f s: recon clean/adv acc %.3f/%.3f -> %.3f/%.3f",
+        train_s,
+        before["clean"],
+        before["adv"],
+        after["clean"],
+        after["adv"],
+    )
+    return {
+        "loss_curve": curve,
+        "recon_acc_before": before,
+        "recon_acc_after": after,
+        "test_masked_mse": test_loss,
+        "n_train": len(x_all),
+        "train_s": train_s,
+    }
 
 
 def _attack_recon(

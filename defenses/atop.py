@@ -93,8 +93,10 @@ class RandomTransform:
     def block_ids(self, h: int, w: int, device: torch.device | None = None) -> Tensor:
         """Block index of every pixel, ``(H, W)`` int64, row-major over the grid."""
         if min(h, w) < self.grid:
-            raise ValueError(f"grid={self.grid} needs images of at least {self.grid}x"
-                             f"{self.grid} pixels, got {h}x{w}")  # fmt: skip
+            raise ValueError(
+                f"grid={self.grid} needs images of at least {self.grid}x"
+                f"{self.grid} pixels, got {h}x{w}"
+            )
         rows = torch.arange(h, device=device) * self.grid // h
         cols = torch.arange(w, device=device) * self.grid // w
         return rows[:, None] * self.grid + cols[None, :]
@@ -183,10 +185,11 @@ class Inpainter(nn.Module):
         widths = [width * 2**i for i in range(depth + 1)]
         self.inc = _double(channels + 1, widths[0])
         self.downs = nn.ModuleList(
-            nn.Sequential(_conv(widths[i], widths[i + 1], stride=2),
-                          _conv(widths[i + 1], widths[i + 1]))
+            nn.Sequential(
+                _conv(widths[i], widths[i + 1], stride=2), _conv(widths[i + 1], widths[i + 1])
+            )
             for i in range(depth)
-        )  # fmt: skip
+        )
         self.mid = _conv(widths[-1], widths[-1], dilation=2)
         self.ups = nn.ModuleList(
             _double(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(depth))
@@ -236,8 +239,9 @@ def arch(ctx: PartContext, width: int = 16, depth: int = 2) -> Inpainter:
 # -- training -------------------------------------------------------------------------------
 
 
-def _check_recipe(steps: int, batch_size: int, lr: float, log_every: int, eval_samples: int,
-                  rt: RandomTransform) -> None:  # fmt: skip
+def _check_recipe(
+    steps: int, batch_size: int, lr: float, log_every: int, eval_samples: int, rt: RandomTransform
+) -> None:
     check_int("steps", steps, 1)
     check_int("batch_size", batch_size, 1)
     check_real("lr", lr, "> 0", lambda v: v > 0)
@@ -290,8 +294,12 @@ def pretrain(
     train_s = time.perf_counter() - start
     net.eval()
     held_out = _held_out(net, rt, ctx, eval_samples)
-    log.info("AToP inpainter pre-trained in %.0f s: final L1 %.4f, test L1 %.4f", train_s,
-             curve[-1]["l1"], held_out["test_l1"])  # fmt: skip
+    log.info(
+        "AToP inpainter pre-trained in %.0f s: final L1 %.4f, test L1 %.4f",
+        train_s,
+        curve[-1]["l1"],
+        held_out["test_l1"],
+    )
     return {"loss_curve": curve, **held_out, "train_s": train_s}
 
 
@@ -367,9 +375,16 @@ def finetune(
     net.eval()
     held_out = _held_out(net, rt, ctx, eval_samples, eps=eps)
     h = held_out
-    log.info("AToP fine-tuning took %.0f s: test L1 %.4f, clean acc %.3f, FGSM acc %.3f "
-             "(bare classifier %.3f / %.3f)", train_s, h["test_l1"], h["test_acc"],
-             h["test_acc_fgsm"], h["bare_acc"], h["bare_acc_fgsm"])  # fmt: skip
+    log.info(
+        "AToP fine-tuning took %.0f s: test L1 %.4f, clean acc %.3f, FGSM acc %.3f "
+        "(bare classifier %.3f / %.3f)",
+        train_s,
+        h["test_l1"],
+        h["test_acc"],
+        h["test_acc_fgsm"],
+        h["bare_acc"],
+        h["bare_acc_fgsm"],
+    )
     return {"loss_curve": curve, **held_out, "train_s": train_s}
 
 
@@ -387,8 +402,13 @@ def _held_out(
     """L1 to the clean test images and, with a classifier, accuracies with and without it."""
     g = torch.Generator(device=ctx.device).manual_seed(ctx.seed + 2)
     x_all, y_all = ctx.x_test[:n], ctx.y_test[:n]
-    sums = {"test_l1": 0.0, "test_acc": 0.0, "bare_acc": 0.0, "test_acc_fgsm": 0.0,
-            "bare_acc_fgsm": 0.0}  # fmt: skip
+    sums = {
+        "test_l1": 0.0,
+        "test_acc": 0.0,
+        "bare_acc": 0.0,
+        "test_acc_fgsm": 0.0,
+        "bare_acc_fgsm": 0.0,
+    }
     f = ctx.classifier
     for i in range(0, len(x_all), 250):
         x, y = x_all[i : i + 250].to(ctx.device), y_all[i : i + 250].to(ctx.device)

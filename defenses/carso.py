@@ -140,8 +140,10 @@ def recording(modules: Sequence[nn.Module]) -> Iterator[list[Tensor]]:
 
     def hook(module: nn.Module, args: Any, out: Any) -> None:
         if not isinstance(out, Tensor):
-            raise TypeError(f"CARSO reads tensor activations; {type(module).__name__} returned "
-                            f"{type(out).__name__}")  # fmt: skip
+            raise TypeError(
+                f"CARSO reads tensor activations; {type(module).__name__} returned "
+                f"{type(out).__name__}"
+            )
         seen.append(out)
 
     handles = [m.register_forward_hook(hook) for m in modules]
@@ -257,8 +259,10 @@ class CVAE(nn.Module):
             check_int(name, value, low)
         if compressor_stride not in (1, 2):
             raise ValueError(f"compressor_stride={compressor_stride!r} must be 1 or 2")
-        for name, seq in (("encoder_channels", encoder_channels),
-                          ("decoder_channels", decoder_channels)):  # fmt: skip
+        for name, seq in (
+            ("encoder_channels", encoder_channels),
+            ("decoder_channels", decoder_channels),
+        ):
             if not seq or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in seq):
                 raise ValueError(f"{name}={list(seq)!r} must be a non-empty list of positive ints")
         encoder_channels, decoder_channels = tuple(encoder_channels), tuple(decoder_channels)
@@ -272,8 +276,9 @@ class CVAE(nn.Module):
 
         comps, total = [], 0
         for shape in self.activation_shapes:
-            comp, size = _compressor(shape, compressor_depth, compressor_stride,
-                                     compressor_min_channels)  # fmt: skip
+            comp, size = _compressor(
+                shape, compressor_depth, compressor_stride, compressor_min_channels
+            )
             comps.append(comp)
             total += size
         self.compressors = nn.ModuleList(comps)
@@ -294,8 +299,11 @@ class CVAE(nn.Module):
         self.decoder_in = _block1d(latent_dim + code_dim, first * self.side[0] * self.side[1])
         dec: list[nn.Module] = []
         for c_in, c_out in zip(decoder_channels[:-1], decoder_channels[1:], strict=True):
-            dec += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1),
-                    nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]  # fmt: skip
+            dec += [
+                nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1),
+                nn.BatchNorm2d(c_out),
+                nn.LeakyReLU(0.2),
+            ]
         dec.append(nn.Conv2d(decoder_channels[-1], c_img, 3, padding=1))
         self.decoder = nn.Sequential(*dec)
         # Mean conditioning code per class on clean training images (filled by `train`), for
@@ -345,8 +353,9 @@ class CVAE(nn.Module):
         """Images in [0, 1] from latents ``z`` ``(N, latent_dim)`` and codes ``c``."""
         return torch.sigmoid(self.decode_logits(z, c))
 
-    def loss_terms(self, x_in: Tensor, x_clean: Tensor, c: Tensor,
-                   noise: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+    def loss_terms(
+        self, x_in: Tensor, x_clean: Tensor, c: Tensor, noise: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Per-image summed BCE to ``x_clean`` and KL to the prior, both ``(N,)``.
 
         ``x_in`` is the encoder's input (clean or adversarial), ``c`` its code and ``noise``
@@ -379,16 +388,19 @@ def arch(
         ValueError: ``ctx.classifier`` is missing (the part needs ``uses_classifier: true``).
     """
     if ctx.classifier is None:
-        raise ValueError("CARSO's CVAE is built from the protected classifier's activations: "
-                         "its TrainedPart needs uses_classifier: true")  # fmt: skip
+        raise ValueError(
+            "CARSO's CVAE is built from the protected classifier's activations: "
+            "its TrainedPart needs uses_classifier: true"
+        )
     layer_types, layers = tuple(layer_types), tuple(layers)
     modules = [m for _, m in select_modules(ctx.classifier, layer_types, layers)]
     with torch.no_grad(), recording(modules) as seen:
         ctx.classifier(ctx.x_train[:2].to(ctx.device))
     shapes = [tuple(a.shape[1:]) for a in seen]
     log.info("CARSO conditions on %d activations of shapes %s", len(shapes), shapes)
-    return CVAE(ctx.shape, ctx.num_classes, shapes, layer_types=layer_types, layers=layers,
-                **kwargs)  # fmt: skip
+    return CVAE(
+        ctx.shape, ctx.num_classes, shapes, layer_types=layer_types, layers=layers, **kwargs
+    )
 
 
 # -- training --------------------------------------------------------------------------------
@@ -509,8 +521,16 @@ def train(
         x_in = x
         if n_adv:
             kind = adv_attacks[int(torch.randint(len(adv_attacks), (1,), generator=data))]
-            adv = craft(f, x[:n_adv], y[:n_adv], kind=kind, eps=eps, steps=pgd_steps,
-                        step_size=pgd_step_size, generator=noise)  # fmt: skip
+            adv = craft(
+                f,
+                x[:n_adv],
+                y[:n_adv],
+                kind=kind,
+                eps=eps,
+                steps=pgd_steps,
+                step_size=pgd_step_size,
+                generator=noise,
+            )
             x_in = torch.cat([adv, x[n_adv:]])
         with torch.no_grad():  # the classifier is frozen: its activations need no graph
             acts = net.activations(f, x_in)
@@ -524,8 +544,9 @@ def train(
         window.append((loss.item(), bce.mean().item(), kl.mean().item()))
         if (step + 1) % log_every == 0 or step + 1 == steps:
             means = [sum(w[i] for w in window) / len(window) for i in range(3)]
-            curve.append({"step": step + 1, "loss": means[0], "bce": means[1], "kl": means[2],
-                          "beta": b})  # fmt: skip
+            curve.append(
+                {"step": step + 1, "loss": means[0], "bce": means[1], "kl": means[2], "beta": b}
+            )
             bar.set_postfix(loss=f"{means[0]:.2f}", kl=f"{means[2]:.2f}")
             window = []
     train_s = time.perf_counter() - start
@@ -533,10 +554,18 @@ def train(
     _fill_class_codes(net, ctx)
     held_out = _held_out(net, ctx, eps=eps, pgd_steps=pgd_steps, samples=samples, n=eval_samples)
     h = held_out
-    log.info("CARSO CVAE trained in %.0f s: test BCE %.2f, KL %.2f; clean acc %.3f (bare %.3f), "
-             "PGD-%d on the classifier %.3f (bare %.3f)", train_s, h["test_bce"], h["test_kl"],
-             h["test_acc"], h["bare_acc"], pgd_steps, h["test_acc_pgd"],
-             h["bare_acc_pgd"])  # fmt: skip
+    log.info(
+        "CARSO CVAE trained in %.0f s: test BCE %.2f, KL %.2f; clean acc %.3f (bare %.3f), "
+        "PGD-%d on the classifier %.3f (bare %.3f)",
+        train_s,
+        h["test_bce"],
+        h["test_kl"],
+        h["test_acc"],
+        h["bare_acc"],
+        pgd_steps,
+        h["test_acc_pgd"],
+        h["bare_acc_pgd"],
+    )
     return {"loss_curve": curve, **held_out, "train_s": train_s}
 
 
@@ -554,14 +583,16 @@ def _fill_class_codes(net: CVAE, ctx: PartContext, n: int = 2000) -> None:
     net.class_codes.copy_(sums / counts.clamp_min(1)[:, None])
 
 
-def _held_out(net: CVAE, ctx: PartContext, *, eps: float, pgd_steps: int, samples: int,
-              n: int) -> dict[str, float]:  # fmt: skip
+def _held_out(
+    net: CVAE, ctx: PartContext, *, eps: float, pgd_steps: int, samples: int, n: int
+) -> dict[str, float]:
     """Reconstruction and accuracy on the first ``n`` test images (see :func:`train`)."""
     f = ctx.classifier
     g = torch.Generator(device=ctx.device).manual_seed(ctx.seed + 2)
     x_all, y_all = ctx.x_test[:n], ctx.y_test[:n]
-    sums = dict.fromkeys(("test_bce", "test_kl", "test_acc", "bare_acc", "test_acc_pgd",
-                          "bare_acc_pgd"), 0.0)  # fmt: skip
+    sums = dict.fromkeys(
+        ("test_bce", "test_kl", "test_acc", "bare_acc", "test_acc_pgd", "bare_acc_pgd"), 0.0
+    )
     for i in range(0, len(x_all), 250):
         x, y = x_all[i : i + 250].to(ctx.device), y_all[i : i + 250].to(ctx.device)
         x_adv = craft(f, x, y, kind="pgd", eps=eps, steps=pgd_steps, generator=g)
@@ -593,8 +624,14 @@ def _sample_logits(
     return classifier(decoded).view(k, n, -1)
 
 
-def _ensemble(net: CVAE, conditioner: nn.Module, classifier: nn.Module, x: Tensor, samples: int,
-              generator: torch.Generator | None) -> Tensor:  # fmt: skip
+def _ensemble(
+    net: CVAE,
+    conditioner: nn.Module,
+    classifier: nn.Module,
+    x: Tensor,
+    samples: int,
+    generator: torch.Generator | None,
+) -> Tensor:
     where = generator.device if generator is not None else x.device
     z = torch.randn(samples, len(x), net.latent_dim, generator=generator, device=where)
     return lexsemble(_sample_logits(net, conditioner, classifier, x, z.to(x.device)))
@@ -711,8 +748,9 @@ class CARSO(Defense):
     def _latents(self, k: int, x: Tensor, generator: torch.Generator | None) -> Tensor:
         """``(k, N, latent_dim)`` prior draws from ``generator`` (on its device, then moved)."""
         where = generator.device if generator is not None else x.device
-        z = torch.randn(k, len(x), self.cvae.latent_dim, generator=generator, device=where,
-                        dtype=x.dtype)  # fmt: skip
+        z = torch.randn(
+            k, len(x), self.cvae.latent_dim, generator=generator, device=where, dtype=x.dtype
+        )
         return z.to(x.device)
 
     def purify(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
@@ -760,8 +798,11 @@ class CARSO(Defense):
             logits = _sample_logits(self.cvae, f, f, x, z)
             y_hat = aggregate(logits.detach(), self.aggregation).argmax(1)
             k, n, c = logits.shape
-            return F.cross_entropy(logits.reshape(k * n, c), y_hat.repeat(k),
-                                   reduction="none").view(k, n).mean(0)  # fmt: skip
+            return (
+                F.cross_entropy(logits.reshape(k * n, c), y_hat.repeat(k), reduction="none")
+                .view(k, n)
+                .mean(0)
+            )
         with torch.no_grad():
             y_hat = aggregate(_sample_logits(self.cvae, f, f, x, z), self.aggregation).argmax(1)
         codes = self.cvae.class_codes

@@ -13,16 +13,22 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from bench.attack_view import AttackView, ViewOptions
 from bench.data import digits
-from bench.purifiers import TrainedPart, prepare_parts
+from bench.engine.attack_view import AttackView, ViewOptions
+from bench.models.parts import TrainedPart, prepare_parts
 from defenses.amrm_pure import MAE, AMRMPure, finetune_ramrm, mae_vit, train_mae
 from defenses.base import PartContext
 from tests.conftest import TinyNet
 from tests.test_defense_contract import check_contract, tiny_classifier, tiny_part_overrides
 
-SMALL = {"width": 16, "depth": 1, "heads": 2, "decoder_width": 16, "decoder_depth": 1,
-         "decoder_heads": 2}  # fmt: skip
+SMALL = {
+    "width": 16,
+    "depth": 1,
+    "heads": 2,
+    "decoder_width": 16,
+    "decoder_depth": 1,
+    "decoder_heads": 2,
+}
 
 
 def tiny_mae(patch_size: int = 2, seed: int = 0) -> MAE:
@@ -68,8 +74,16 @@ def trained() -> MAE:
     """A tiny MAE trained for a few seconds on digits (patch 2: 16 tokens)."""
     ctx = ctx_digits()
     torch.manual_seed(0)
-    net = mae_vit(ctx, patch_size=2, width=32, depth=2, heads=2, decoder_width=32,
-                  decoder_depth=1, decoder_heads=2)  # fmt: skip
+    net = mae_vit(
+        ctx,
+        patch_size=2,
+        width=32,
+        depth=2,
+        heads=2,
+        decoder_width=32,
+        decoder_depth=1,
+        decoder_heads=2,
+    )
     train_mae(net, ctx, steps=150, batch_size=64, lr=3e-3, log_every=50, eval_samples=200)
     return net.eval().requires_grad_(False)
 
@@ -211,9 +225,11 @@ def test_checkpoint_gives_the_same_gradient(mae: MAE, method: str) -> None:
     plain = grad_of(lambda z: getattr(make(mae), method)(z, generator=gen()), x, w)
     ckpt = make(mae, checkpoint=True)
     torch.testing.assert_close(
-        grad_of(lambda z: getattr(ckpt, method)(z, generator=gen()), x, w), plain,
-        rtol=1e-5, atol=1e-7,
-    )  # fmt: skip
+        grad_of(lambda z: getattr(ckpt, method)(z, generator=gen()), x, w),
+        plain,
+        rtol=1e-5,
+        atol=1e-7,
+    )
     # The forward value of the checkpointed path is the detached path's, bit for bit.
     assert torch.equal(
         getattr(ckpt, method)(x.clone().requires_grad_(True), generator=gen()).detach(),
@@ -262,8 +278,16 @@ def test_train_mae_lowers_the_loss_and_reports_metrics() -> None:
     ctx = ctx_digits()
     torch.manual_seed(0)
     net = mae_vit(ctx, patch_size=2, **SMALL)
-    metrics = train_mae(net, ctx, steps=40, batch_size=32, lr=3e-3, mask_ratio_spread=0.25,
-                        log_every=10, eval_samples=100)  # fmt: skip
+    metrics = train_mae(
+        net,
+        ctx,
+        steps=40,
+        batch_size=32,
+        lr=3e-3,
+        mask_ratio_spread=0.25,
+        log_every=10,
+        eval_samples=100,
+    )
     curve = [p["loss"] for p in metrics["loss_curve"]]
     assert len(curve) == 4 and curve[-1] < curve[0]
     assert metrics["test_masked_mse"] > 0 and metrics["train_s"] > 0
@@ -275,13 +299,31 @@ def test_finetune_ramrm_runs_against_the_classifier(trained: MAE) -> None:
     data = digits()
     classifier = tiny_classifier(data)
     ctx = ctx_digits(classifier)
-    net = MAE(1, (8, 8), patch_size=2, width=32, depth=2, heads=2, decoder_width=32,
-              decoder_depth=1, decoder_heads=2)  # fmt: skip
+    net = MAE(
+        1,
+        (8, 8),
+        patch_size=2,
+        width=32,
+        depth=2,
+        heads=2,
+        decoder_width=32,
+        decoder_depth=1,
+        decoder_heads=2,
+    )
     net.load_state_dict(trained.state_dict())
     net.requires_grad_(True)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    metrics = finetune_ramrm(net, ctx, steps=6, batch_size=16, eps=0.1, attack_steps=1,
-                             n_train=200, log_every=3, eval_samples=50)  # fmt: skip
+    metrics = finetune_ramrm(
+        net,
+        ctx,
+        steps=6,
+        batch_size=16,
+        eps=0.1,
+        attack_steps=1,
+        n_train=200,
+        log_every=3,
+        eval_samples=50,
+    )
     assert len(metrics["loss_curve"]) == 2
     assert set(metrics["recon_acc_after"]) == {"clean", "adv"}
     assert any(not torch.equal(before[k], v) for k, v in net.state_dict().items())
@@ -348,9 +390,13 @@ def test_configs_train_share_the_pretraining_and_keep_the_contract(compose_cfg, 
         defense = instantiate(cfg.defense)
         assert isinstance(defense, AMRMPure) and isinstance(defense.mae, TrainedPart)
         dataset = instantiate(cfg.dataset)
-        described = prepare_parts(defense, dataset, torch.device("cpu"),
-                                  classifier=tiny_classifier(dataset),
-                                  classifier_info={"key": "tiny"})  # fmt: skip
+        described = prepare_parts(
+            defense,
+            dataset,
+            torch.device("cpu"),
+            classifier=tiny_classifier(dataset),
+            classifier_info={"key": "tiny"},
+        )
         assert isinstance(defense.mae, MAE)
         check_contract(defense.eval(), torch.rand(4, *dataset.shape, generator=gen()))
         parts[name] = described[0]
@@ -391,6 +437,12 @@ def test_paper_experiment_composes(compose_cfg) -> None:
     for node in suite["attacks"].values():
         assert node["eps"] == pytest.approx(8 / 255)
     # The 32x32 patch grid composes into a network (narrowed: MAE-Base is 0.1 G parameters).
-    ctx = PartContext(torch.zeros(1, 3, 32, 32), torch.zeros(1), torch.zeros(1, 3, 32, 32),
-                      torch.zeros(1), 10, torch.device("cpu"))  # fmt: skip
+    ctx = PartContext(
+        torch.zeros(1, 3, 32, 32),
+        torch.zeros(1),
+        torch.zeros(1, 3, 32, 32),
+        torch.zeros(1),
+        10,
+        torch.device("cpu"),
+    )
     assert instantiate(cfg.defense.mae.arch, **SMALL)(ctx).num_patches == 64

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from bench.purifiers import prepare_parts
+from bench.models.parts import prepare_parts
 from defenses.atop import AToP, Inpainter, RandomTransform, _fgsm, finetune, inpaint, pretrain
 from defenses.base import PartContext
 from tests.test_defense_contract import check_contract, tiny_classifier
@@ -163,8 +163,9 @@ def test_resize_runs_the_inpainter_at_the_configured_size() -> None:
     assert recorder.seen[0][0].shape[-2:] == (32, 32) and out.shape == x.shape
 
 
-@pytest.mark.parametrize("rt", [RandomTransform("rt2"), RandomTransform("rt3", resize=16)],
-                         ids=["rt2", "rt3-resize"])  # fmt: skip
+@pytest.mark.parametrize(
+    "rt", [RandomTransform("rt2"), RandomTransform("rt3", resize=16)], ids=["rt2", "rt3-resize"]
+)
 def test_gradients_flow_end_to_end(rt: RandomTransform) -> None:
     defense = AToP(net(), rt)
     classifier = tiny_classifier(DIGITS)
@@ -220,8 +221,9 @@ def test_bad_defense_and_training_arguments_name_the_value() -> None:
     with pytest.raises(ValueError, match="lam=-1"):
         finetune(Inpainter(1, width=4), ctx, rt=RandomTransform(), eps=0.1, steps=1, lam=-1)
     with pytest.raises(ValueError, match="clean_fraction=1.5"):
-        finetune(Inpainter(1, width=4), ctx, rt=RandomTransform(), eps=0.1, steps=1,
-                 clean_fraction=1.5)  # fmt: skip
+        finetune(
+            Inpainter(1, width=4), ctx, rt=RandomTransform(), eps=0.1, steps=1, clean_fraction=1.5
+        )
 
 
 # -- 4. training --------------------------------------------------------------------------------
@@ -244,11 +246,11 @@ def test_fgsm_stays_in_the_ball_and_raises_the_loss() -> None:
 def test_training_functions_report_their_metrics() -> None:
     ctx = _ctx(tiny_classifier(DIGITS))
     g = Inpainter(1, width=4)
-    pre = pretrain(g, ctx, rt=RandomTransform(), steps=4, batch_size=8, log_every=2,
-                   eval_samples=8)  # fmt: skip
+    pre = pretrain(g, ctx, rt=RandomTransform(), steps=4, batch_size=8, log_every=2, eval_samples=8)
     assert [p["step"] for p in pre["loss_curve"]] == [2, 4] and pre["test_l1"] > 0
-    fine = finetune(g, ctx, rt=RandomTransform(), eps=0.1, steps=3, batch_size=8, log_every=2,
-                    eval_samples=8)  # fmt: skip
+    fine = finetune(
+        g, ctx, rt=RandomTransform(), eps=0.1, steps=3, batch_size=8, log_every=2, eval_samples=8
+    )
     assert [p["step"] for p in fine["loss_curve"]] == [2, 3]
     assert {"l1", "ce"} <= set(fine["loss_curve"][0])
     for key in ("test_l1", "test_acc", "test_acc_fgsm", "bare_acc", "bare_acc_fgsm", "train_s"):
@@ -272,8 +274,15 @@ def test_clean_fraction_keeps_that_share_of_each_batch_clean(
         ("test_l1", "test_acc", "test_acc_fgsm", "bare_acc", "bare_acc_fgsm"), 0.0
     )
     monkeypatch.setattr(atop, "_held_out", lambda *args, **kwargs: held_out)  # crafts its own
-    finetune(Inpainter(1, width=4), _ctx(tiny_classifier(DIGITS)), rt=RandomTransform(), eps=0.1,
-             steps=2, batch_size=8, clean_fraction=clean_fraction)  # fmt: skip
+    finetune(
+        Inpainter(1, width=4),
+        _ctx(tiny_classifier(DIGITS)),
+        rt=RandomTransform(),
+        eps=0.1,
+        steps=2,
+        batch_size=8,
+        clean_fraction=clean_fraction,
+    )
     assert crafted == ([adversarial] * 2 if adversarial else [])
 
 
@@ -297,8 +306,13 @@ def _prepare(compose_cfg, tmp_path: Path, defense: str) -> tuple[AToP, list[dict
     cfg = compose_cfg(overrides)
     atop = instantiate(cfg.defense)
     dataset = instantiate(cfg.dataset)
-    parts = prepare_parts(atop, dataset, torch.device("cpu"), classifier=tiny_classifier(dataset),
-                          classifier_info={"key": "tiny"})  # fmt: skip
+    parts = prepare_parts(
+        atop,
+        dataset,
+        torch.device("cpu"),
+        classifier=tiny_classifier(dataset),
+        classifier_info={"key": "tiny"},
+    )
     return atop, parts
 
 

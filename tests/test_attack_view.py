@@ -8,8 +8,8 @@ from torch import nn
 
 from attacks.pgd import PGD
 from attacks.pgd_eot import PGDEOT
-from bench.attack_view import AttackView, ViewOptions
-from bench.errors import ConfigError, NonFiniteError
+from bench.engine.attack_view import AttackView, ViewOptions
+from common.errors import ConfigError, NonFiniteError
 from defenses.base import Defense, DefenseInfo
 from defenses.none import NoDefense
 from tests.conftest import TinyNet
@@ -183,7 +183,7 @@ def test_counts_backward_passes(tiny_model, batch) -> None:
 
 
 def test_known_randomness_judges_each_draw_with_one_known_seed(tiny_model, batch) -> None:
-    from bench.robust_eval import locked_predictions
+    from bench.engine.decision import locked_predictions
 
     x, _ = batch
     defense = GaussianNoise(sigma=0.5)

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from bench.attack_view import AttackView, ViewOptions
-from bench.classifiers import SmallCNN, WideResNet
-from bench.purifiers import TrainedPart, prepare_parts
+from bench.engine.attack_view import AttackView, ViewOptions
+from bench.models.architectures import SmallCNN, WideResNet
+from bench.models.parts import TrainedPart, prepare_parts
 from defenses.base import PartContext
 from defenses.carso import (
     AGGREGATIONS,
@@ -83,13 +83,15 @@ def naive_lexsemble(logits: Tensor) -> Tensor:
 
 def test_lexsemble_matches_the_naive_float64_formula() -> None:
     logits = torch.randn(8, 32, 10, generator=gen()) * 0.7
-    torch.testing.assert_close(lexsemble(logits).double(), naive_lexsemble(logits),
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        lexsemble(logits).double(), naive_lexsemble(logits), rtol=1e-5, atol=1e-5
+    )
     # K = 1 and two classes too.
     for shape in [(1, 5, 10), (3, 4, 2)]:
         small = torch.randn(*shape, generator=gen(1))
-        torch.testing.assert_close(lexsemble(small).double(), naive_lexsemble(small),
-                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            lexsemble(small).double(), naive_lexsemble(small), rtol=1e-5, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("scale", [12.0, 40.0, 500.0])
@@ -144,9 +146,18 @@ def test_paper_sized_cvae_on_a_small_wide_resnet() -> None:
     wrn = WideResNet(3, 10, 32, depth=10, widen_factor=1).eval()
     x = torch.rand(2, 3, 32, 32, generator=gen())
     ctx = PartContext(x, torch.arange(2), x, torch.arange(2), 10, torch.device("cpu"), 0, wrn)
-    cvae = arch(ctx, layer_types=["Conv2d"], compressor_depth=3, compressor_stride=1,
-                compressor_min_channels=1, code_dim=32, encoder_channels=[6, 12], hidden=16,
-                latent_dim=8, decoder_channels=[16, 16, 8, 8, 4]).eval()  # fmt: skip
+    cvae = arch(
+        ctx,
+        layer_types=["Conv2d"],
+        compressor_depth=3,
+        compressor_stride=1,
+        compressor_min_channels=1,
+        code_dim=32,
+        encoder_channels=[6, 12],
+        hidden=16,
+        latent_dim=8,
+        decoder_channels=[16, 16, 8, 8, 4],
+    ).eval()
     # Stem, stage 1 (16 -> 16: no projection shortcut), stages 2 and 3 with a shortcut.
     assert len(cvae.activation_shapes) == 1 + 2 + 3 + 3
     out = cvae.decode(torch.zeros(2, 8), cvae.code(wrn, x))
@@ -154,8 +165,9 @@ def test_paper_sized_cvae_on_a_small_wide_resnet() -> None:
 
 
 def test_activations_of_another_classifier_are_refused(cvae: CVAE) -> None:
-    other = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(192, 10), nn.ReLU())  # fmt: skip
+    other = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(192, 10), nn.ReLU()
+    )
     with pytest.raises(RuntimeError, match="conditions on another classifier"):
         cvae.code(other, images(2))
 
@@ -332,8 +344,18 @@ def test_a_short_training_run_lowers_the_loss(classifier: nn.Module) -> None:
     ctx = PartContext(x, y, xt, yt, 10, torch.device("cpu"), 0, classifier)
     torch.manual_seed(0)
     net = arch(ctx)
-    metrics = train(net, ctx, steps=30, eps=0.1, batch_size=32, lr=3e-3, beta_warmup=0.0,
-                    log_every=10, eval_samples=64, samples=2)  # fmt: skip
+    metrics = train(
+        net,
+        ctx,
+        steps=30,
+        eps=0.1,
+        batch_size=32,
+        lr=3e-3,
+        beta_warmup=0.0,
+        log_every=10,
+        eval_samples=64,
+        samples=2,
+    )
     curve = metrics["loss_curve"]
     assert [p["step"] for p in curve] == [10, 20, 30] and all(p["beta"] == 1 for p in curve)
     assert curve[-1]["loss"] < curve[0]["loss"]
@@ -344,17 +366,26 @@ def test_a_short_training_run_lowers_the_loss(classifier: nn.Module) -> None:
 
 
 def test_prepare_parts_trains_one_cvae_for_every_variant(compose_cfg, tmp_path: Path) -> None:
-    shared = ["dataset=digits", f"paths.cache_dir={tmp_path}", "defense.cvae.train.steps=4",
-              "defense.cvae.train.batch_size=16", "defense.cvae.train.eval_samples=32"]  # fmt: skip
+    shared = [
+        "dataset=digits",
+        f"paths.cache_dir={tmp_path}",
+        "defense.cvae.train.steps=4",
+        "defense.cvae.train.batch_size=16",
+        "defense.cvae.train.eval_samples=32",
+    ]
     described, defenses = [], []
     for name in ("carso", "carso_z0", "carso_mean"):
         cfg = compose_cfg([f"defense={name}", *shared])
         defense = instantiate(cfg.defense)
         assert isinstance(defense.cvae, TrainedPart)
         dataset = instantiate(cfg.dataset)
-        described += prepare_parts(defense, dataset, torch.device("cpu"),
-                                   classifier=tiny_classifier(dataset),
-                                   classifier_info={"key": "tiny"})  # fmt: skip
+        described += prepare_parts(
+            defense,
+            dataset,
+            torch.device("cpu"),
+            classifier=tiny_classifier(dataset),
+            classifier_info={"key": "tiny"},
+        )
         defenses.append(defense.eval())
     assert len({d["cache_key"] for d in described}) == 1, "deployment options do not retrain"
     assert described[0]["training"]["loss_curve"][-1]["step"] == 4
@@ -384,7 +415,10 @@ def test_paper_experiment_composes(compose_cfg) -> None:
     cfg = compose_cfg(["experiment=ballarin2025_carso_cifar10"])
     choices = cfg.hydra.runtime.choices
     assert (choices.dataset, choices.classifier, choices.defense) == (
-        "cifar10", "wrn_28_10_at", "carso")  # fmt: skip
+        "cifar10",
+        "wrn_28_10_at",
+        "carso",
+    )
     assert cfg.n_samples == 512 and cfg.threat.eps == pytest.approx(8 / 255)
     aa = cfg.suite.attacks.autoattack
     assert aa.version == "rand" and aa.eps == pytest.approx(8 / 255), "AutoAttack rand, full"
@@ -405,8 +439,14 @@ def test_paper_experiment_composes(compose_cfg) -> None:
 def test_compare_suite_composes(compose_cfg) -> None:
     suite = compose_cfg(["suite=compare_carso"]).suite
     assert suite.cascade is False
-    assert set(suite.attacks) == {"autoattack_rand", "pgd_eot", "bpda_eot", "pgd_bypass",
-                                  "pgd_known", "transfer"}  # fmt: skip
+    assert set(suite.attacks) == {
+        "autoattack_rand",
+        "pgd_eot",
+        "bpda_eot",
+        "pgd_bypass",
+        "pgd_known",
+        "transfer",
+    }
     assert suite.views.pgd_eot.grad == "exact" and suite.views.bpda_eot.grad == "bpda"
     assert suite.attacks.pgd_bypass.defense_loss_weight > 0
     assert suite.views.transfer.grad == "transfer" and suite.views.pgd_known.randomness == "known"

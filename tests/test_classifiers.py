@@ -19,18 +19,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from bench import classifiers
-from bench.classifiers import (
-    CheckpointClassifier,
-    ClassifierSource,
-    Normalize,
-    ResNet18,
-    RobustBenchClassifier,
-    SmallCNN,
-    WideResNet,
-    load_state_dict_checked,
-)
-from bench.errors import CheckpointError, ConfigError
+from bench.models import robustbench
+from bench.models.architectures import Normalize, ResNet18, SmallCNN, WideResNet
+from bench.models.checkpoints import load_state_dict_checked
+from bench.models.classifiers import CheckpointClassifier, ClassifierSource
+from bench.models.robustbench import RobustBenchClassifier
+from common.errors import CheckpointError, ConfigError
 
 CLASSIFIER_CONF = Path(__file__).resolve().parent.parent / "conf" / "classifier"
 CPU = torch.device("cpu")
@@ -323,7 +317,7 @@ def test_checkpoint_classifier_loads_ready_model(tmp_path: Path) -> None:
     facts = source.describe()
     json.dumps(facts)
     assert facts["kind"] == "checkpoint"
-    assert facts["arch"] == "bench.classifiers.ResNet18"
+    assert facts["arch"] == "bench.models.architectures.ResNet18"
     assert facts["arch_kwargs"] == {"width": 8}
     assert facts["path"] == str(path)
     assert facts["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -397,7 +391,7 @@ def test_robustbench_yaml_instantiates_without_importing_robustbench(tmp_path: P
 
 def test_importing_the_module_imports_neither_robustbench_nor_autoattack() -> None:
     code = (
-        "import sys, bench.classifiers; "
+        "import sys, bench.models.classifiers; "
         "assert 'robustbench' not in sys.modules and 'autoattack' not in sys.modules"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -432,7 +426,7 @@ def zoo() -> SimpleNamespace:
     # import itself goes through the harness rather than pytest.importorskip.
     if importlib.util.find_spec("robustbench") is None:
         pytest.skip("the robustbench extra is not installed")
-    return classifiers._import_robustbench()
+    return robustbench._import_robustbench()
 
 
 def _zoo_checkpoint(zoo: SimpleNamespace, tmp_path: Path) -> tuple[nn.Module, Path]:

@@ -113,4 +113,4 @@ def test_purebench_commands(tmp_path: Path, cache_dir: Path) -> None:
         module="bench.cli",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(list((cache_dir / "classifiers").glob("digits-SmallCNN-*/model.pt"))) >= 1
+    assert len(list((cache_dir / "classifiers").glob("digits-SmallCNN-*/weights.pt"))) >= 1

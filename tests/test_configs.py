@@ -9,8 +9,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from bench.eval import check_threat
-from bench.training import Recipe
+from bench.models.training import Recipe
+from bench.run import check_threat
 from defenses.base import Defense, DefenseInfo
 from tests.conftest import CONF_DIR
 

@@ -14,7 +14,7 @@ import torch
 from torchvision import datasets
 
 from bench import data
-from bench.errors import ConfigError, DataNotFoundError
+from common.errors import ConfigError, DataNotFoundError
 from tests.fabricate import (
     IDX_NAMES,
     N_IDX,

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from bench.purifiers import prepare_parts
+from bench.models.parts import prepare_parts
 from defenses.base import Defense, DefenseInfo
 from tests.planted import Blur, Detach, GaussianNoise, Quantize
 from tests.test_configs import options
@@ -70,7 +70,7 @@ def tiny_part_overrides(node: DictConfig, prefix: str = "defense") -> list[str]:
     for key, value in node.items():
         if not isinstance(value, DictConfig):
             continue
-        if value.get("_target_") == "bench.purifiers.TrainedPart":
+        if value.get("_target_") == "bench.models.parts.TrainedPart":
             train = value.get("train")
             if isinstance(train, DictConfig) and "steps" in train:
                 overrides.append(f"{prefix}.{key}.train.steps={TINY_TRAIN_STEPS}")
@@ -83,9 +83,13 @@ def tiny_classifier(dataset: Any) -> nn.Module:
     c, h, w = dataset.shape
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(c, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(4 * h * w, dataset.num_classes),
-    )  # fmt: skip
+        nn.Conv2d(c, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * h * w, dataset.num_classes),
+    )
     return net.eval().requires_grad_(False)
 
 
@@ -101,8 +105,13 @@ def test_every_configured_defense_keeps_the_contract(compose_cfg, cache_dir, nam
     defense = instantiate(cfg.defense)
     dataset = instantiate(cfg.dataset)
     classifier = tiny_classifier(dataset)
-    prepare_parts(defense, dataset, torch.device("cpu"), classifier=classifier,
-                  classifier_info={"key": "tiny"})  # fmt: skip
+    prepare_parts(
+        defense,
+        dataset,
+        torch.device("cpu"),
+        classifier=classifier,
+        classifier_info={"key": "tiny"},
+    )
     x = torch.rand(4, *dataset.shape, generator=torch.Generator().manual_seed(0))
     check_contract(defense.eval(), x)
 

@@ -269,7 +269,7 @@ def test_bad_arguments_are_named(kwargs: dict, message: str) -> None:
 
 
 def test_config_composes_and_instantiates(compose_cfg) -> None:
-    from bench.purifiers import TrainedScoreNet
+    from bench.models.score import TrainedScoreNet
 
     cfg = compose_cfg(["defense=diffpure"])
     assert cfg.defense._target_ == "defenses.diffpure.DiffPure"

@@ -17,10 +17,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from bench.diagnostics import verdict
-from bench.errors import ConfigError, NonFiniteError
-from bench.eval import evaluate
-from bench.records import RunRecord
+from bench.engine.diagnostics import verdict
+from bench.reporting.records import RunRecord
+from bench.run import evaluate
+from common.errors import ConfigError, NonFiniteError
 from tests.conftest import fast_overrides
 
 NONE = {"_target_": "defenses.none.NoDefense"}
@@ -123,13 +123,22 @@ def test_known_randomness_judges_with_the_attackers_noise(
     compose_cfg, cache_dir: Path, tmp_path: Path
 ) -> None:
     fresh = run_with(
-        compose_cfg, cache_dir, tmp_path / "fresh", NOISE, "view.eot_samples=4",
+        compose_cfg,
+        cache_dir,
+        tmp_path / "fresh",
+        NOISE,
+        "view.eot_samples=4",
         "suite.attacks.pgd.early_stop=false",
-    )  # fmt: skip
+    )
     known = run_with(
-        compose_cfg, cache_dir, tmp_path / "known", NOISE, "view.eot_samples=4",
-        "view.randomness=known", "suite.attacks.pgd.early_stop=false",
-    )  # fmt: skip
+        compose_cfg,
+        cache_dir,
+        tmp_path / "known",
+        NOISE,
+        "view.eot_samples=4",
+        "view.randomness=known",
+        "suite.attacks.pgd.early_stop=false",
+    )
     # The locked noise is the evaluation's noise: draw d is judged with known seed d mod 4, so
     # draws 0-3 of the 10 repeat (the clean stage is judged with fresh noise, as deployed).
     samples = pd.read_csv(tmp_path / "known" / "per_sample.csv")
@@ -142,18 +151,26 @@ def test_known_randomness_judges_with_the_attackers_noise(
 
 def test_adaptive_suite_cascade_and_costs(compose_cfg, cache_dir: Path, tmp_path: Path) -> None:
     record = run_with(
-        compose_cfg, cache_dir, tmp_path / "run", {"_target_": "tests.planted.Blur"},
-        "suite=adaptive", "suite.attacks.pgd.steps=10", "suite.attacks.bpda_eot.steps=5",
-        "suite.attacks.bpda_eot.check_reps=2", "suite.attacks.transfer.steps=10",
+        compose_cfg,
+        cache_dir,
+        tmp_path / "run",
+        {"_target_": "tests.planted.Blur"},
+        "suite=adaptive",
+        "suite.attacks.pgd.steps=10",
+        "suite.attacks.bpda_eot.steps=5",
+        "suite.attacks.bpda_eot.check_reps=2",
+        "suite.attacks.transfer.steps=10",
         "suite.attacks.square.n_queries=50",
-    )  # fmt: skip
+    )
     names = list(record.attacks)
     assert names == ["pgd", "bpda_eot", "transfer", "square"]
     kinds = {n: a.kind for n, a in record.attacks.items()}
     assert kinds == {
-        "pgd": "white-box", "bpda_eot": "white-box", "transfer": "transfer",
+        "pgd": "white-box",
+        "bpda_eot": "white-box",
+        "transfer": "transfer",
         "square": "black-box",
-    }  # fmt: skip
+    }
     assert record.attacks["bpda_eot"].view["grad"] == "bpda"
     assert record.attacks["bpda_eot"].view["eot_samples"] == 15
     # Cascade: each attack sees only what the ones before left standing.
@@ -185,9 +202,13 @@ def test_success_at_any_iterate_counts_what_the_attack_saw(
 ) -> None:
     after = run_with(compose_cfg, cache_dir, tmp_path / "a", NOISE, "view.eot_samples=1")
     during = run_with(
-        compose_cfg, cache_dir, tmp_path / "b", NOISE, "view.eot_samples=1",
+        compose_cfg,
+        cache_dir,
+        tmp_path / "b",
+        NOISE,
+        "view.eot_samples=1",
         "decision.success_at=any",
-    )  # fmt: skip
+    )
     assert after.decision["evaluate"] == "after" and during.decision["evaluate"] == "while"
     assert after.attacks["pgd"].broken_on_path is None
     assert during.attacks["pgd"].broken_on_path > 0
@@ -202,7 +223,7 @@ def test_autoattack_flags_enter_the_verdict() -> None:
 
     import torch
 
-    from bench.diagnostics import DiagnosisInput, DiagnosticsConfig, _Diagnosis
+    from bench.engine.diagnostics import DiagnosisInput, DiagnosticsConfig, _Diagnosis
     from defenses.none import NoDefense
 
     result = SimpleNamespace(
@@ -210,12 +231,24 @@ def test_autoattack_flags_enter_the_verdict() -> None:
         warnings=["there are 3 points with zero gradient! This might lead to ..."],
     )
     inp = DiagnosisInput(
-        classifier=torch.nn.Identity(), defense=NoDefense(), name="none",
-        x=torch.zeros(0, 1, 8, 8), y=torch.zeros(0, dtype=torch.long), norm="Linf", eps=0.1,
-        device=torch.device("cpu"), views={}, kinds={}, attacks={},
-        results={"autoattack": result}, returns_best={}, ledger=None, num_classes=10,
-        seed=0, batch_size=8,
-    )  # fmt: skip
+        classifier=torch.nn.Identity(),
+        defense=NoDefense(),
+        name="none",
+        x=torch.zeros(0, 1, 8, 8),
+        y=torch.zeros(0, dtype=torch.long),
+        norm="Linf",
+        eps=0.1,
+        device=torch.device("cpu"),
+        views={},
+        kinds={},
+        attacks={},
+        results={"autoattack": result},
+        returns_best={},
+        ledger=None,
+        num_classes=10,
+        seed=0,
+        batch_size=8,
+    )
     d = _Diagnosis(inp, DiagnosticsConfig())
     d.autoattack_flags()
     assert d.checks["aa_zero_gradients"]["passed"] is False
@@ -274,8 +307,8 @@ class Declared(Quantize):
 def test_diagnostics_probe_attacks_like_the_strongest_white_box_view() -> None:
     import torch
 
-    from bench.attack_view import ViewOptions
-    from bench.diagnostics import DiagnosisInput, DiagnosticsConfig, _Diagnosis
+    from bench.engine.attack_view import ViewOptions
+    from bench.engine.diagnostics import DiagnosisInput, DiagnosticsConfig, _Diagnosis
     from tests.planted import GaussianNoise
 
     views = {
@@ -287,11 +320,24 @@ def test_diagnostics_probe_attacks_like_the_strongest_white_box_view() -> None:
     }
     kinds = {n: "transfer" if n == "transfer" else "white-box" for n in views}
     inp = DiagnosisInput(
-        classifier=torch.nn.Identity(), defense=GaussianNoise(), name="noise",
-        x=torch.zeros(0, 1, 8, 8), y=torch.zeros(0, dtype=torch.long), norm="Linf", eps=0.1,
-        device=torch.device("cpu"), views=views, kinds=kinds, attacks={}, results={},
-        returns_best={}, ledger=None, num_classes=10, seed=0, batch_size=8,
-    )  # fmt: skip
+        classifier=torch.nn.Identity(),
+        defense=GaussianNoise(),
+        name="noise",
+        x=torch.zeros(0, 1, 8, 8),
+        y=torch.zeros(0, dtype=torch.long),
+        norm="Linf",
+        eps=0.1,
+        device=torch.device("cpu"),
+        views=views,
+        kinds=kinds,
+        attacks={},
+        results={},
+        returns_best={},
+        ledger=None,
+        num_classes=10,
+        seed=0,
+        batch_size=8,
+    )
     # Exact gradients and fresh noise first, then the most EOT samples.
     assert _Diagnosis(inp, DiagnosticsConfig()).probe_from == "pgd"
 
@@ -301,8 +347,8 @@ def _blackbox_check(white_p: float, black_p: float, draws: int = 4, n: int = 400
     the black-box stage judge each image correct with the given per-draw probabilities."""
     from types import SimpleNamespace
 
-    from bench.diagnostics import _Diagnosis
-    from bench.robust_eval import Ledger
+    from bench.engine.decision import Ledger
+    from bench.engine.diagnostics import _Diagnosis
 
     gen = torch.Generator().manual_seed(0)
     labels = torch.zeros(n, dtype=torch.long)
@@ -313,10 +359,13 @@ def _blackbox_check(white_p: float, black_p: float, draws: int = 4, n: int = 400
         preds = (torch.rand(draws, n, generator=gen) > p).long()  # class 1 is wrong
         ledger.add(name, preds, every)
     fake = SimpleNamespace(
-        inp=SimpleNamespace(ledger=ledger, views={"pgd": None, "square": None},
-                            kinds={"pgd": "white-box", "square": "black-box"}),
+        inp=SimpleNamespace(
+            ledger=ledger,
+            views={"pgd": None, "square": None},
+            kinds={"pgd": "white-box", "square": "black-box"},
+        ),
         checks={},
-    )  # fmt: skip
+    )
     _Diagnosis.blackbox(fake)  # type: ignore[arg-type]
     return fake.checks["blackbox_beats_whitebox"]
 

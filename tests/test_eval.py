@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bench.data import eval_subset
-from bench.errors import ConfigError, DataNotFoundError, ThreatModelViolation
-from bench.eval import check_threat, evaluate
+from bench.run import check_threat, evaluate
+from common.errors import ConfigError, DataNotFoundError, ThreatModelViolation
 from tests.conftest import fast_overrides
 
 
@@ -164,7 +164,7 @@ def test_check_threat(norm: str) -> None:
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_peak_memory_restarts_for_each_job_of_a_worker_process() -> None:
     # A sweep's worker runs many jobs: each must report its own peak, not the largest so far.
-    from bench.eval import _peak_memory_mb, _reset_peak_memory
+    from bench.run import _peak_memory_mb, _reset_peak_memory
 
     cpu = torch.device("cpu")
     _reset_peak_memory(cpu)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from bench.cli import main as cli_main
-from bench.leaderboard import (
+from bench.reporting.leaderboard import (
     FAILED_MARK,
     ShardConflictError,
     build_leaderboard,
@@ -18,8 +18,8 @@ from bench.leaderboard import (
     to_markdown,
     write_leaderboard,
 )
-from bench.metrics import Accuracy
-from bench.records import AttackResult, RunRecord, read_record, write_record
+from bench.reporting.metrics import Accuracy
+from bench.reporting.records import AttackResult, RunRecord, read_record, write_record
 
 EXACT_VIEW = {"grad": "exact", "eot_samples": 1, "randomness": "fresh"}
 

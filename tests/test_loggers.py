@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.errors import ConfigError
-from bench.eval import evaluate
-from bench.loggers import metrics
+from bench.reporting.loggers import metrics
+from bench.run import evaluate
+from common.errors import ConfigError
 from tests.conftest import fast_overrides
 
 
@@ -18,10 +18,17 @@ def test_wandb_offline_logs_metrics_tables_and_images(
     compose_cfg, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WANDB_SILENT", "true")
-    overrides = [*fast_overrides(cache_dir, tmp_path), "n_samples=32", "logger=wandb",
-                 "diagnostics.enabled=false"]  # fmt: skip
-    record = evaluate(compose_cfg(overrides), output_dir=tmp_path / "run",
-                      choices={"defense": "none", "classifier": "small_cnn"})  # fmt: skip
+    overrides = [
+        *fast_overrides(cache_dir, tmp_path),
+        "n_samples=32",
+        "logger=wandb",
+        "diagnostics.enabled=false",
+    ]
+    record = evaluate(
+        compose_cfg(overrides),
+        output_dir=tmp_path / "run",
+        choices={"defense": "none", "classifier": "small_cnn"},
+    )
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, "offline mode writes one local run and needs no network"
     logged = _read_offline_run(next(runs[0].glob("*.wandb")))
@@ -65,8 +72,11 @@ def _read_offline_run(path: Path) -> dict[str, dict]:
         record = pb2.Record()
         record.ParseFromString(chunk)
         kind = record.WhichOneof("record_type")
-        items = {"history": lambda r: r.history.item, "summary": lambda r: r.summary.update,
-                 "run": lambda r: r.run.config.update}.get(kind)  # fmt: skip
+        items = {
+            "history": lambda r: r.history.item,
+            "summary": lambda r: r.summary.update,
+            "run": lambda r: r.run.config.update,
+        }.get(kind)
         if items is None:
             continue
         target = out["config" if kind == "run" else kind]

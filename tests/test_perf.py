@@ -1,4 +1,4 @@
-"""`make perf` (bench/perf.py) at a tiny budget, and the engine's fast paths it measures.
+"""`make perf` (bench/tools/perf.py) at a tiny budget, and the engine's fast paths it measures.
 
 No timing is asserted: the machine is shared. The tests check the structure of the result, that
 every ratio is a finite positive number, and that the fast paths (inference mode for passes
@@ -16,17 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from attacks.pgd_eot import PGDEOT
-from bench.attack_view import AttackView, ViewOptions
-from bench.errors import ConfigError
-from bench.perf import (
-    GaussianNoise,
-    _notes,
-    fit_exponent,
-    interleave,
-    markdown,
-    run_perf,
-    write_results,
-)
+from bench.engine.attack_view import AttackView, ViewOptions
+from bench.tools.perf import _notes, fit_exponent, interleave, markdown, run_perf, write_results
+from common.errors import ConfigError
+from defenses.noise import GaussianNoise
 
 CHOICES = {"dataset": "digits", "classifier": "small_cnn", "threat": "linf"}
 
@@ -151,8 +144,13 @@ def test_perf_memory_item_measures_growth_in_fresh_processes(
 
 def test_notes_explain_a_missed_torchattacks_target() -> None:
     def row(ratio: float, acc: float, **options: object) -> dict:
-        return {"options": options, "ratio": ratio, "robust_acc": acc, "robust_acc_any": acc / 2,
-                "met": False}  # fmt: skip
+        return {
+            "options": options,
+            "ratio": ratio,
+            "robust_acc": acc,
+            "robust_acc_any": acc / 2,
+            "met": False,
+        }
 
     result = {
         "torchattacks": {
@@ -162,7 +160,7 @@ def test_notes_explain_a_missed_torchattacks_target() -> None:
                 "harness": {
                     "early_exit": row(0.5, 0.3, early_stop=True),
                     "default": row(1.1, 0.21),
-                },  # fmt: skip
+                },
             },
             "deterministic": {
                 "torchattacks": {"robust_acc": 0.1},

@@ -98,9 +98,14 @@ def test_trajectory_matches_torchattacks(digits_mlp, norm: str) -> None:
         x, y
     )
     attack = PGDEOT(
-        model, norm=norm, eps=eps, steps=steps, rel_stepsize=0.5, random_start=False,
+        model,
+        norm=norm,
+        eps=eps,
+        steps=steps,
+        rel_stepsize=0.5,
+        random_start=False,
         early_stop=False,
-    )  # fmt: skip
+    )
     attack(x, y)
     with torch.no_grad():
         their_loss = nn.functional.cross_entropy(model(theirs), y, reduction="none")

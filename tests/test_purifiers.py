@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from bench.data import digits
-from bench.errors import CheckpointError, ConfigError
-from bench.purifiers import ScoreRecipe, TrainedPart, TrainedScoreNet, prepare_parts
+from bench.models.parts import TrainedPart, prepare_parts
+from bench.models.score import ScoreRecipe, TrainedScoreNet
+from common.errors import CheckpointError, ConfigError
 from defenses.base import PartContext
 from defenses.score import VPSDE, ScoreNet, small_unet
 
@@ -118,7 +119,7 @@ def test_prepare_parts_reaches_nested_parts(tmp_path: Path) -> None:
 
 
 def test_fidelity_measures_agreement_and_gradient_memory(compose_cfg, cache_dir: Path) -> None:
-    from bench.fidelity import agreement, gradient_peak_mb
+    from bench.tools.fidelity import agreement, gradient_peak_mb
 
     overrides = [
         "dataset=digits",
@@ -194,8 +195,9 @@ def test_trained_part_trains_once_then_loads_from_the_cache(tmp_path: Path) -> N
     assert len(calls) == 1, "the second resolve must load, not train"
     torch.testing.assert_close(again.part.weight, holder.part.weight)
     # A training argument is part of the key: another value trains again.
-    prepare_parts(_Holder(_part(tmp_path, train=partial(_tiny_train, steps=3))), digits(),
-                  torch.device("cpu"))  # fmt: skip
+    prepare_parts(
+        _Holder(_part(tmp_path, train=partial(_tiny_train, steps=3))), digits(), torch.device("cpu")
+    )
     assert len(calls) == 2
 
 
@@ -217,14 +219,19 @@ def test_parts_trained_against_the_classifier_need_it_and_key_on_it(tmp_path: Pa
     calls.clear()
     clf = torch.nn.Identity()
     with pytest.raises(ConfigError, match="protected classifier"):
-        prepare_parts(_Holder(_part(tmp_path, uses_classifier=True)), digits(),
-                      torch.device("cpu"))  # fmt: skip
+        prepare_parts(_Holder(_part(tmp_path, uses_classifier=True)), digits(), torch.device("cpu"))
     holder = _Holder(_part(tmp_path, uses_classifier=True))
-    prepare_parts(holder, digits(), torch.device("cpu"), classifier=clf,
-                  classifier_info={"cache_key": "a"})  # fmt: skip
+    prepare_parts(
+        holder, digits(), torch.device("cpu"), classifier=clf, classifier_info={"cache_key": "a"}
+    )
     assert calls == [clf] and holder.bound is clf
-    prepare_parts(_Holder(_part(tmp_path, uses_classifier=True)), digits(), torch.device("cpu"),
-                  classifier=clf, classifier_info={"cache_key": "b"})  # fmt: skip
+    prepare_parts(
+        _Holder(_part(tmp_path, uses_classifier=True)),
+        digits(),
+        torch.device("cpu"),
+        classifier=clf,
+        classifier_info={"cache_key": "b"},
+    )
     assert len(calls) == 2, "another classifier must train the part again"
 
 
@@ -236,7 +243,6 @@ def test_trained_part_refuses_use_before_prepare_and_bad_checkpoints(tmp_path: P
     bad = tmp_path / "bad.pt"
     torch.save({"weight": torch.zeros(3)}, bad)
     with pytest.raises(CheckpointError):
-        prepare_parts(_Holder(_part(tmp_path, checkpoint=str(bad))), digits(),
-                      torch.device("cpu"))  # fmt: skip
+        prepare_parts(_Holder(_part(tmp_path, checkpoint=str(bad))), digits(), torch.device("cpu"))
     with pytest.raises(ConfigError, match="name="):
         TrainedPart("bad name!", partial(_tiny_arch))

@@ -295,11 +295,11 @@ def test_bad_arguments_are_refused(score: ScoreNet, kwargs: dict, bad: str) -> N
 
 
 def test_config_composes_with_the_shared_score_model(compose_cfg) -> None:
-    from bench.purifiers import TrainedScoreNet
+    from bench.models.score import TrainedScoreNet
 
     cfg = compose_cfg(["defense=pursamere"])
     assert cfg.defense._target_ == "defenses.pursamere.PurSAMERE"
-    assert cfg.defense.score._target_ == "bench.purifiers.TrainedScoreNet"
+    assert cfg.defense.score._target_ == "bench.models.score.TrainedScoreNet"
     defense = instantiate(cfg.defense)
     assert isinstance(defense, PurSAMERE) and isinstance(defense.score, TrainedScoreNet)
     assert defense.score.net is None, "the score model is trained by prepare(), not at build"

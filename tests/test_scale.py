@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from bench.errors import ConfigError
-from bench.eval import evaluate
-from bench.records import read_record
+from bench.reporting.records import read_record
+from bench.run import evaluate
+from common.errors import ConfigError
 from tests.conftest import fast_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,9 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True,
-        timeout=600, **kwargs,
-    )  # fmt: skip
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
 
 
 def test_shards_partition_the_subset_and_share_a_fingerprint(
@@ -39,7 +43,7 @@ def test_shards_partition_the_subset_and_share_a_fingerprint(
             compose_cfg([*base, f"shard={i}/3"]),
             output_dir=tmp_path / f"s{i}",
             choices={"defense": "none"},
-        )  # fmt: skip
+        )
         for i in range(3)
     ]
     assert [s.shard for s in shards] == [{"index": i, "count": 3} for i in range(3)]
@@ -85,9 +89,11 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_record(cache_dir: Path, t
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench", *overrides, f"hydra.run.dir={killed}"], cwd=ROOT,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [sys.executable, "-m", "bench", *overrides, f"hydra.run.dir={killed}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     # Kill it after its clean judgement and at least one attack batch were checkpointed.
     saves, last, deadline = 0, None, time.monotonic() + 300
     while saves < 3 and proc.poll() is None and time.monotonic() < deadline:

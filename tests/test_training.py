@@ -8,11 +8,12 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-import bench.training as training
+import bench.models.training as training
 from attacks.pgd import PGD
-from bench.classifiers import SmallCNN
 from bench.data import digits
-from bench.training import Recipe, cache_key, canonical, train_or_load
+from bench.models.architectures import SmallCNN
+from bench.models.cache import cache_key, canonical
+from bench.models.training import Recipe, train_or_load
 
 
 def test_cache_key_is_the_same_from_yaml_and_from_python(compose_cfg, tmp_path: Path) -> None:
@@ -52,7 +53,7 @@ def test_train_then_reuse_from_cache(data, tmp_path: Path, monkeypatch) -> None:
     cpu = torch.device("cpu")
     model, info = train_or_load(arch, recipe, seed=0, dataset=data, device=cpu, cache_dir=tmp_path)
     entry = Path(info["checkpoint"]).parent
-    assert {p.name for p in entry.iterdir()} == {"model.pt", "spec.json", "metrics.json"}
+    assert {p.name for p in entry.iterdir()} == {"weights.pt", "spec.json", "metrics.json"}
     metrics = json.loads((entry / "metrics.json").read_text())
     assert metrics["n_train"] == 1000 and len(metrics["epochs"]) == 20
     assert metrics["test_clean_acc"] > 0.8, metrics

@@ -12,7 +12,7 @@ test images, through the run's own classifier:
   argument (e.g. ``steps``), each in a fresh process, and the growth factor between the
   smallest and the largest value.
 
-``python -m bench.fidelity defense=diffpure`` (config ``conf/fidelity.yaml``) writes
+``python -m bench.tools.fidelity defense=diffpure`` (config ``conf/fidelity.yaml``) writes
 ``fidelity.json`` in its run dir and logs a summary.
 """
 
@@ -38,9 +38,9 @@ from torch import Tensor, nn
 from bench.config import CONF_DIR
 from bench.data import eval_subset
 from bench.devices import proc_status_mb, reset_peak_rss, resolve_device
-from bench.errors import ConfigError
-from bench.purifiers import prepare_parts
-from bench.records import write_json_atomic
+from bench.models.parts import prepare_parts
+from bench.reporting.records import write_json_atomic
+from common.errors import ConfigError
 from defenses.base import Defense
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,9 @@ def _build(
 ):
     node = OmegaConf.merge(cfg.defense, overrides)
     defense = instantiate(node)
-    prepare_parts(defense, dataset, device, classifier=classifier,
-                  classifier_info=source.describe())  # fmt: skip
+    prepare_parts(
+        defense, dataset, device, classifier=classifier, classifier_info=source.describe()
+    )
     return defense.to(device).eval()
 
 
@@ -159,9 +160,11 @@ def memory(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, An
         samples = []
         for _ in range(cfg.memory.repeats):
             out = subprocess.run(
-                [sys.executable, "-m", "bench.fidelity", *overrides, *extra, "task=peak"],
-                capture_output=True, text=True, check=True,
-            )  # fmt: skip
+                [sys.executable, "-m", "bench.tools.fidelity", *overrides, *extra, "task=peak"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             samples.append(float(out.stdout.strip().splitlines()[-1]))
         runs[str(value)] = samples
         peaks[str(value)] = statistics.median(samples)
@@ -178,7 +181,7 @@ def memory(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, An
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="fidelity")
 def main(cfg: DictConfig) -> None:
-    """Entry point of ``python -m bench.fidelity``."""
+    """Entry point of ``python -m bench.tools.fidelity``."""
     if cfg.task == "peak":  # one measurement, in its own process (see `memory`)
         sys.stdout.write(f"{gradient_peak_mb(cfg):.3f}\n")
         return
@@ -190,12 +193,20 @@ def main(cfg: DictConfig) -> None:
     a, m = result["agreement"], result["memory"]
     log.info(
         "gradient cosine %s vs %s on %d images: mean %.4f, min %.4f",
-        a["candidate"], a["reference"], a["n"], a["cosine_mean"], a["cosine_min"],
-    )  # fmt: skip
+        a["candidate"],
+        a["reference"],
+        a["n"],
+        a["cosine_mean"],
+        a["cosine_min"],
+    )
     log.info(
         "peak gradient memory by %s: %s MiB; x%.1f %s -> x%.2f memory",
-        m["key"], json.dumps(m["peak_mb"]), m["value_ratio"], m["key"], m["memory_ratio"],
-    )  # fmt: skip
+        m["key"],
+        json.dumps(m["peak_mb"]),
+        m["value_ratio"],
+        m["key"],
+        m["memory_ratio"],
+    )
     log.info("wrote %s", out)
 
 

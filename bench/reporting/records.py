@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench.metrics import Accuracy
+from bench.reporting.metrics import Accuracy
 
 SCHEMA_VERSION = 2
 RECORD_NAME = "record.json"
 PER_SAMPLE_NAME = "per_sample.csv"
-_PACKAGES = (
-    "purebench",
-    "torch",
-    "torchvision",
-    "torchattacks",
-    "pyautoattack",
-    "hydra-core",
-    "omegaconf",
-    "numpy",
-    "pandas",
-)
 
 
 @dataclass
@@ -178,35 +164,3 @@ def read_record(path: Path) -> RunRecord:
     """Read a ``record.json``."""
     with open(path) as fh:
         return RunRecord.from_dict(json.load(fh))
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of Python and of the packages that decide a result."""
-    versions = {"python": sys.version.split()[0]}
-    for name in _PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def git_state(repo: Path | None = None) -> dict[str, Any]:
-    """The commit the harness runs from and whether its tree has uncommitted changes."""
-    repo = repo or Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=repo,
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.strip()
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return {"sha": None, "dirty": None}
-    return {"sha": sha, "dirty": dirty}

@@ -32,8 +32,8 @@ from typing import Any
 
 import pandas as pd
 
-from bench.metrics import Accuracy
-from bench.records import RECORD_NAME, AttackResult, RunRecord
+from bench.reporting.metrics import Accuracy
+from bench.reporting.records import RECORD_NAME, AttackResult, RunRecord
 
 log = logging.getLogger(__name__)
 

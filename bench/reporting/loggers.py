@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from bench.records import RunRecord
+from bench.reporting.records import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +51,21 @@ def attack_rows(record: RunRecord) -> pd.DataFrame:
     """One row per attack: accuracy, view, budget actually spent."""
     rows = []
     for name, r in record.attacks.items():
-        rows.append({
-            "attack": name,
-            "kind": r.kind,
-            "grad": r.view.get("grad"),
-            "eot": r.view.get("eot_samples"),
-            "robust": r.robust_acc.value,
-            "robust_low": r.robust_acc.low,
-            "robust_high": r.robust_acc.high,
-            "n_attacked": r.n_attacked,
-            "wall_s": r.wall_s,
-            "purifier_calls_per_image": r.purifier_calls_per_image,
-            "max_perturbation": r.max_perturbation,
-        })  # fmt: skip
+        rows.append(
+            {
+                "attack": name,
+                "kind": r.kind,
+                "grad": r.view.get("grad"),
+                "eot": r.view.get("eot_samples"),
+                "robust": r.robust_acc.value,
+                "robust_low": r.robust_acc.low,
+                "robust_high": r.robust_acc.high,
+                "n_attacked": r.n_attacked,
+                "wall_s": r.wall_s,
+                "purifier_calls_per_image": r.purifier_calls_per_image,
+                "max_perturbation": r.max_perturbation,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -147,8 +149,13 @@ class WandbLogger:
         )
         try:
             run.log(metrics(record))
-            run.summary.update({"status": record.status, "verdict": str(record.verdict),
-                                "defense_info": asdict_safe(record.defense_info)})  # fmt: skip
+            run.summary.update(
+                {
+                    "status": record.status,
+                    "verdict": str(record.verdict),
+                    "defense_info": asdict_safe(record.defense_info),
+                }
+            )
             table = attack_rows(record)
             if not table.empty:
                 run.log({"attacks": wandb.Table(dataframe=table)})

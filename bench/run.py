@@ -33,25 +33,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from attacks.base import NORMS, Attack
-from bench.attack_view import AttackView, ViewOptions
 from bench.config import CONF_DIR
 from bench.data import ImageDataset, eval_subset
 from bench.devices import proc_status_mb, reset_peak_rss, resolve_device
-from bench.diagnostics import DiagnosisInput, DiagnosticsConfig, diagnose, verdict
-from bench.errors import ConfigError, PureBenchError, ThreatModelViolation
-from bench.leaderboard import build_leaderboard, collect_records
-from bench.loggers import NoLogger
-from bench.purifiers import prepare_parts
-from bench.records import (
-    PER_SAMPLE_NAME,
-    AttackResult,
-    RunRecord,
-    git_state,
-    package_versions,
-    write_record,
-)
-from bench.resume import ResumeState, fingerprint
-from bench.robust_eval import RULES, SUCCESS_AT, Judge, Ledger, Stage, locked_predictions
+from bench.engine.attack_view import AttackView, ViewOptions
+from bench.engine.decision import RULES, SUCCESS_AT, Judge, Ledger, Stage, locked_predictions
+from bench.engine.diagnostics import DiagnosisInput, DiagnosticsConfig, diagnose, verdict
+from bench.engine.resume import ResumeState, fingerprint
+from bench.models.parts import prepare_parts
+from bench.provenance import git_state, package_versions
+from bench.reporting.leaderboard import build_leaderboard, collect_records
+from bench.reporting.loggers import NoLogger
+from bench.reporting.records import PER_SAMPLE_NAME, AttackResult, RunRecord, write_record
+from common.errors import ConfigError, PureBenchError, ThreatModelViolation
 from defenses.base import Defense
 
 log = logging.getLogger(__name__)
@@ -391,8 +385,7 @@ def _run_attack(
     track_path = plan_.decision.success_at == "any"
     done = state.done(name)
     batches = []
-    for b, i in enumerate(tqdm(range(0, len(x), batch_size), desc=name, leave=False,
-                               disable=None)):  # fmt: skip
+    for b, i in enumerate(tqdm(range(0, len(x), batch_size), desc=name, leave=False, disable=None)):
         if b in done:
             batches.append(done[b])
             continue
@@ -436,12 +429,13 @@ def _run_attack(
         warnings += [w for w in out["warnings"] if w not in warnings]
     paths = [o["on_path"] for o in batches]
     totals = {
-        "passes": {k: sum(o["passes"][k] for o in batches) for k in ("forward", "backward",
-                                                                     "purify")},
+        "passes": {
+            k: sum(o["passes"][k] for o in batches) for k in ("forward", "backward", "purify")
+        },
         "judge_purify": sum(o["judge_purify"] for o in batches),
         "wall_s": sum(o["wall_s"] for o in batches),
         "examples": batches[0]["examples"] if batches else None,
-    }  # fmt: skip
+    }
     output = _AttackOutput(
         preds=torch.cat([o["preds"] for o in batches], 1)
         if batches
@@ -596,9 +590,12 @@ def _execute(
     # The defense's generative parts (score networks, autoencoders) are trained or loaded now,
     # after every check of the config has passed.
     record.defense_parts = prepare_parts(
-        p.defense, p.dataset, p.device, classifier=classifier,
+        p.defense,
+        p.dataset,
+        p.device,
+        classifier=classifier,
         classifier_info=record.classifier_info,
-    )  # fmt: skip
+    )
     record.cost["setup_s"] = time.perf_counter() - t0
     defense = p.defense.to(p.device).eval()
     name = str(record.defense)

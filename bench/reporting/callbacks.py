@@ -9,7 +9,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from bench.leaderboard import collect_records, write_leaderboard
+from bench.reporting.leaderboard import collect_records, write_leaderboard
 
 log = logging.getLogger(__name__)
 
@@ -36,5 +36,10 @@ class LeaderboardCallback(Callback):
         for where, error in failed:
             log.error("sweep job %s failed: %s", where, error)
         written = write_leaderboard(self.records, self.out)
-        log.info("leaderboard rebuilt from %s: %s (%d rows, %d failed jobs in this sweep)",
-                 self.records, written.md, len(written.table), len(failed))  # fmt: skip
+        log.info(
+            "leaderboard rebuilt from %s: %s (%d rows, %d failed jobs in this sweep)",
+            self.records,
+            written.md,
+            len(written.table),
+            len(failed),
+        )

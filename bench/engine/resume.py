@@ -67,8 +67,9 @@ class ResumeState:
         self.resumed = self.clean is not None
         done = sum(len(v) for v in self.batches.values())
         if self.resumed:
-            log.info("resuming from %s: clean judgement and %d attack batches done", self.path,
-                     done)  # fmt: skip
+            log.info(
+                "resuming from %s: clean judgement and %d attack batches done", self.path, done
+            )
 
     def done(self, stage: str) -> dict[int, dict[str, Any]]:
         """The finished batches of ``stage`` (attack name), by batch index."""
@@ -88,10 +89,14 @@ class ResumeState:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         torch.save(
-            {"format": FORMAT, "fingerprint": self.fingerprint, "clean": self.clean,
-             "batches": self.batches},
+            {
+                "format": FORMAT,
+                "fingerprint": self.fingerprint,
+                "clean": self.clean,
+                "batches": self.batches,
+            },
             tmp,
-        )  # fmt: skip
+        )
         os.replace(tmp, self.path)
 
     def clear(self) -> None:

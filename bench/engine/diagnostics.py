@@ -55,9 +55,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from attacks.pgd_eot import PGDEOT, margin_loss
-from bench.attack_view import AttackView, ViewOptions
-from bench.errors import ConfigError
-from bench.robust_eval import Judge, Ledger
+from bench.engine.attack_view import AttackView, ViewOptions
+from bench.engine.decision import Judge, Ledger
+from common.errors import ConfigError
 from defenses.base import Defense
 
 _AA_FLAGS = {
@@ -219,9 +219,16 @@ class _Diagnosis:
         # confident outputs (CARSO's aggregate), and a probe that cannot move them would flag
         # "unbounded" for the probe's weakness rather than the evaluation's.
         attack = PGDEOT(
-            view, norm=self.inp.norm, eps=eps, steps=steps, random_start=start, seed=self._seed,
-            step_size=step_size, loss=["ce", "margin"], restarts=2,
-        )  # fmt: skip
+            view,
+            norm=self.inp.norm,
+            eps=eps,
+            steps=steps,
+            random_start=start,
+            seed=self._seed,
+            step_size=step_size,
+            loss=["ce", "margin"],
+            restarts=2,
+        )
         correct, bs, dev = 0.0, self.inp.batch_size, self.inp.device
         judge = self._judge()
         for i in range(0, len(self.x), bs):

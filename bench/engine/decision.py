@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from bench.attack_view import AttackView
-from bench.metrics import Accuracy
+from bench.engine.attack_view import AttackView
+from bench.reporting.metrics import Accuracy
 
 RULES = ("single", "avg", "worst", "vote")
 SUCCESS_AT = ("final", "any")

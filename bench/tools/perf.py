@@ -26,7 +26,7 @@ Also measured: the EOT chunk sweep behind :func:`bench.attack_view.auto_chunk` (
 B images against fewer, larger calls) and, on CUDA, bf16 / channels-last / ``torch.compile``
 with their accuracy impact.
 
-``python -m bench.perf`` (config ``conf/perf.yaml``) writes ``perf.md`` and ``perf.json`` in
+``python -m bench.tools.perf`` (config ``conf/perf.yaml``) writes ``perf.md`` and ``perf.json`` in
 ``paths.results_dir`` and prints the table.
 """
 
@@ -58,53 +58,19 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from attacks.pgd_eot import PGDEOT
-from bench.attack_view import AttackView, ViewOptions, auto_chunk
 from bench.config import CONF_DIR
 from bench.data import eval_subset
 from bench.devices import resolve_device
-from bench.errors import ConfigError
-from bench.records import package_versions, write_json_atomic
-from defenses.base import Defense, DefenseInfo, check_real
+from bench.engine.attack_view import AttackView, ViewOptions, auto_chunk
+from bench.provenance import package_versions
+from bench.reporting.records import write_json_atomic
+from common.errors import ConfigError
+from defenses.base import Defense
 from defenses.none import NoDefense
 
 log = logging.getLogger(__name__)
 
 PERF_MD, PERF_JSON = "perf.md", "perf.json"
-
-
-class GaussianNoise(Defense):
-    """Additive Gaussian input noise, then clamping to [0, 1]: the cheapest stochastic defense.
-
-    Randomized smoothing's noise layer (Cohen et al., https://arxiv.org/abs/1902.02918) without
-    the certification: every call draws fresh noise, so attacks need EOT and the judge needs
-    repeated draws, while the purifier itself costs nothing next to the classifier. The
-    benchmark therefore measures the engine, not the purifier.
-
-    Properties: stochastic, differentiable, not iterative, no network calls.
-
-    Args:
-        sigma: noise standard deviation in [0, 1] pixel units (> 0).
-
-    Example:
-        >>> view = AttackView(classifier, GaussianNoise(0.1), ViewOptions(eot_samples=8))
-    """
-
-    info = DefenseInfo(
-        stochastic=True,
-        differentiable=True,
-        paper="https://arxiv.org/abs/1902.02918",
-        purifier_calls=0,
-    )
-
-    def __init__(self, sigma: float = 0.1) -> None:
-        super().__init__()
-        check_real("sigma", sigma, "> 0", lambda v: v > 0)
-        self.sigma = float(sigma)
-
-    def purify(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-        """``clamp(x + sigma * N(0, I), 0, 1)`` with the noise drawn from ``generator``."""
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return (x + self.sigma * noise).clamp(0, 1)
 
 
 class Composed(nn.Module):
@@ -598,7 +564,7 @@ def versus_pyautoattack(setup: Setup, cfg: DictConfig) -> dict[str, Any]:
 
 
 def _compose(name: str, overrides: list[str]) -> DictConfig:
-    """Compose ``conf/<name>.yaml`` inside a Hydra app (``python -m bench.perf``) or outside."""
+    """Compose ``conf/<name>.yaml`` inside a Hydra app (``make perf``) or outside."""
     if GlobalHydra.instance().is_initialized():
         return compose(name, overrides=overrides)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -638,7 +604,7 @@ def _eval_cfg(
 
 def cascade_savings(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str]) -> dict[str, Any]:
     """A suite's wall time through the runner with the cascade against without it."""
-    from bench.eval import evaluate
+    from bench.run import evaluate
 
     record_choices = {**choices, "defense": str(cfg.cascade.defense_name)}
     records: dict[str, Any] = {}
@@ -694,7 +660,7 @@ def cascade_savings(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str]) 
 
 def gradient_memory(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str]) -> dict[str, Any]:
     """Peak exact-gradient memory against steps (:func:`bench.fidelity.memory`), per defense."""
-    from bench.fidelity import memory
+    from bench.tools.fidelity import memory
 
     out: dict[str, Any] = {}
     for name, node in cfg.memory.defenses.items():
@@ -903,13 +869,16 @@ def markdown(result: Mapping[str, Any]) -> str:
     if "chunk" in result:
         c = result["chunk"]
         ms = ", ".join(f"{k}: {v:.0f} ms" for k, v in c["pass_ms"].items())
-        rows.append((
-            "0. EOT chunk (one fwd+bwd pass)",
-            f"one call / K calls {_fmt(c['one_call_vs_k_calls'])}",
-            "", "",
-            f"EOT-{c['eot_samples']} on {c['batch']} images, chunk {ms}; auto_chunk="
-            f"{c['auto_chunk']} is {_fmt(c['auto_vs_best'])}x the best ({c['best_chunk']})",
-        ))  # fmt: skip
+        rows.append(
+            (
+                "0. EOT chunk (one fwd+bwd pass)",
+                f"one call / K calls {_fmt(c['one_call_vs_k_calls'])}",
+                "",
+                "",
+                f"EOT-{c['eot_samples']} on {c['batch']} images, chunk {ms}; auto_chunk="
+                f"{c['auto_chunk']} is {_fmt(c['auto_vs_best'])}x the best ({c['best_chunk']})",
+            )
+        )
     if "overhead" in result:
         o = result["overhead"]
         raw = (
@@ -917,13 +886,17 @@ def markdown(result: Mapping[str, Any]) -> str:
             if "ratio_raw" in o
             else ""
         )
-        rows.append((
-            "1. Engine overhead (attack / floor)",
-            _fmt(o["ratio"]), f"<= {o['target']}", _met(o["met"]),
-            f"{_fmt(o['attack']['median_s'])} s vs {_fmt(o['floor']['median_s'])} s; "
-            f"{o['view_calls']} view calls ({o['grad_calls']} with grad), chunk {o['chunk']}"
-            f"{raw}; wall-clock ratio {_fmt(o['ratio_wall'])}",
-        ))  # fmt: skip
+        rows.append(
+            (
+                "1. Engine overhead (attack / floor)",
+                _fmt(o["ratio"]),
+                f"<= {o['target']}",
+                _met(o["met"]),
+                f"{_fmt(o['attack']['median_s'])} s vs {_fmt(o['floor']['median_s'])} s; "
+                f"{o['view_calls']} view calls ({o['grad_calls']} with grad), chunk {o['chunk']}"
+                f"{raw}; wall-clock ratio {_fmt(o['ratio_wall'])}",
+            )
+        )
     if "torchattacks" in result and "skipped" not in result["torchattacks"]:
         for kind in ("stochastic", "deterministic"):
             t = result["torchattacks"].get(kind)
@@ -932,80 +905,108 @@ def markdown(result: Mapping[str, Any]) -> str:
             ta = t["torchattacks"]
             for name, h in t["harness"].items():
                 opts = ", ".join(f"{k}={v}" for k, v in h["options"].items()) or "defaults"
-                rows.append((
-                    f"2. vs torchattacks EOTPGD: {t['defense']} EOT-{t['eot_samples']}, "
-                    f"harness {name} ({opts})",
-                    _fmt(h["ratio"]), f"<= {result['torchattacks']['target']}, acc no higher",
-                    _met(h["met"]),
-                    f"{_fmt(h['median_s'])} s vs {_fmt(ta['median_s'])} s; robust acc "
-                    f"{100 * h['robust_acc']:.1f}% vs {100 * ta['robust_acc']:.1f}% (clean "
-                    f"{100 * t['clean_acc']:.1f}%, {t['judge_draws']} fresh draw(s) per image; "
-                    f"{100 * h['robust_acc_any']:.1f}% with success_at=any); wall-clock ratio "
-                    f"{_fmt(h['ratio_wall'])}",
-                ))  # fmt: skip
+                rows.append(
+                    (
+                        f"2. vs torchattacks EOTPGD: {t['defense']} EOT-{t['eot_samples']}, "
+                        f"harness {name} ({opts})",
+                        _fmt(h["ratio"]),
+                        f"<= {result['torchattacks']['target']}, acc no higher",
+                        _met(h["met"]),
+                        f"{_fmt(h['median_s'])} s vs {_fmt(ta['median_s'])} s; robust acc "
+                        f"{100 * h['robust_acc']:.1f}% vs {100 * ta['robust_acc']:.1f}% (clean "
+                        f"{100 * t['clean_acc']:.1f}%, {t['judge_draws']} fresh draw(s) per image; "
+                        f"{100 * h['robust_acc_any']:.1f}% with success_at=any); wall-clock ratio "
+                        f"{_fmt(h['ratio_wall'])}",
+                    )
+                )
     if "autoattack" in result:
         a = result["autoattack"]
-        rows.append((
-            "3. AutoAttack adapter / pyautoattack",
-            _fmt(a["ratio"], 3), f"<= {a['target']}", _met(a["met"]),
-            f"{_fmt(a['adapter']['median_s'])} s vs {_fmt(a['direct']['median_s'])} s; "
-            f"{'+'.join(a['attacks'])}, {a['n_iter']} iter, EOT-{a['eot_samples']} view; "
-            f"identical output: {a['same_output']}; wall-clock ratio {_fmt(a['ratio_wall'], 3)}",
-        ))  # fmt: skip
+        rows.append(
+            (
+                "3. AutoAttack adapter / pyautoattack",
+                _fmt(a["ratio"], 3),
+                f"<= {a['target']}",
+                _met(a["met"]),
+                f"{_fmt(a['adapter']['median_s'])} s vs {_fmt(a['direct']['median_s'])} s; "
+                f"{'+'.join(a['attacks'])}, {a['n_iter']} iter, EOT-{a['eot_samples']} view; "
+                f"identical output: {a['same_output']}; "
+                f"wall-clock ratio {_fmt(a['ratio_wall'], 3)}",
+            )
+        )
     if "cascade" in result:
         c = result["cascade"]
         per = ", ".join(
             f"{k} {c['cascade']['per_attack'][k]['n_attacked']}/{v['n_attacked']} pts"
             for k, v in c["full"]["per_attack"].items()
         )
-        rows.append((
-            "4. Cascade (suite time / every attack on every point)",
-            _fmt(c["ratio"]), "", "",
-            f"{_fmt(c['cascade']['median_s'])} s vs {_fmt(c['full']['median_s'])} s "
-            f"(saving {100 * c['saving']:.0f}%); attacked {per}; robust acc "
-            f"{100 * c['cascade']['robust_acc']:.1f}% vs {100 * c['full']['robust_acc']:.1f}%; "
-            f"wall-clock ratio {_fmt(c['ratio_wall'])}",
-        ))  # fmt: skip
+        rows.append(
+            (
+                "4. Cascade (suite time / every attack on every point)",
+                _fmt(c["ratio"]),
+                "",
+                "",
+                f"{_fmt(c['cascade']['median_s'])} s vs {_fmt(c['full']['median_s'])} s "
+                f"(saving {100 * c['saving']:.0f}%); attacked {per}; robust acc "
+                f"{100 * c['cascade']['robust_acc']:.1f}% vs {100 * c['full']['robust_acc']:.1f}%; "
+                f"wall-clock ratio {_fmt(c['ratio_wall'])}",
+            )
+        )
     for name, mem in result.get("memory", {}).items():
         if not isinstance(mem, dict) or "peak_mb" not in mem:
             continue
         peaks = ", ".join(f"{k}: {v:.0f}" for k, v in mem["peak_mb"].items())
-        rows.append((
-            f"5. Gradient memory, {name} (checkpointed)",
-            f"x{_fmt(mem['memory_ratio'])} for x{_fmt(mem['value_ratio'], 0)} {mem['key']}",
-            "", "",
-            f"peak MiB by {mem['key']}: {peaks}; log-log exponent {_fmt(mem['exponent'])}",
-        ))  # fmt: skip
+        rows.append(
+            (
+                f"5. Gradient memory, {name} (checkpointed)",
+                f"x{_fmt(mem['memory_ratio'])} for x{_fmt(mem['value_ratio'], 0)} {mem['key']}",
+                "",
+                "",
+                f"peak MiB by {mem['key']}: {peaks}; log-log exponent {_fmt(mem['exponent'])}",
+            )
+        )
     if "scaling" in result:
         sc = result["scaling"]
         times = ", ".join(f"{n}: {t:.1f} s" for n, t in zip(sc["n"], sc["median_s"], strict=True))
-        rows.append((
-            "6. Scaling exponent (time vs n)",
-            _fmt(sc["exponent"]), f"<= {sc['target']}", _met(sc["met"]),
-            f"{times} (batches of {sc['batch_size']}); per repetition "
-            f"{', '.join(_fmt(e) for e in sc['exponent_per_repetition'])}; wall clock "
-            f"{_fmt(sc['exponent_wall'])}",
-        ))  # fmt: skip
+        rows.append(
+            (
+                "6. Scaling exponent (time vs n)",
+                _fmt(sc["exponent"]),
+                f"<= {sc['target']}",
+                _met(sc["met"]),
+                f"{times} (batches of {sc['batch_size']}); per repetition "
+                f"{', '.join(_fmt(e) for e in sc['exponent_per_repetition'])}; wall clock "
+                f"{_fmt(sc['exponent_wall'])}",
+            )
+        )
         for size, other in sc.get("other_batch_sizes", {}).items():
             times = ", ".join(
                 f"{n}: {t:.1f} s" for n, t in zip(other["n"], other["median_s"], strict=True)
             )
-            rows.append((
-                f"6. Scaling exponent, batches of {size}",
-                _fmt(other["exponent"]), "", "",
-                f"{times}; per repetition "
-                f"{', '.join(_fmt(e) for e in other['exponent_per_repetition'])}",
-            ))  # fmt: skip
+            rows.append(
+                (
+                    f"6. Scaling exponent, batches of {size}",
+                    _fmt(other["exponent"]),
+                    "",
+                    "",
+                    f"{times}; per repetition "
+                    f"{', '.join(_fmt(e) for e in other['exponent_per_repetition'])}",
+                )
+            )
     cuda = result.get("cuda", {})
     if cuda and "skipped" not in cuda:
         for name, v in cuda.items():
             if name in ("fp32", "item_wall_s"):
                 continue
-            rows.append((
-                f"CUDA {name}", f"speedup {_fmt(v['speedup'])}", "", "",
-                f"robust acc {100 * v['robust_acc']:.1f}% vs fp32 "
-                f"{100 * cuda['fp32']['robust_acc']:.1f}%",
-            ))  # fmt: skip
+            rows.append(
+                (
+                    f"CUDA {name}",
+                    f"speedup {_fmt(v['speedup'])}",
+                    "",
+                    "",
+                    f"robust acc {100 * v['robust_acc']:.1f}% vs fp32 "
+                    f"{100 * cuda['fp32']['robust_acc']:.1f}%",
+                )
+            )
     lines = [
         "| Measurement | Value | Target | Met | Details |",
         "|---|---|---|---|---|",
@@ -1099,7 +1100,7 @@ def write_results(result: Mapping[str, Any], results_dir: Path) -> tuple[Path, P
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="perf")
 def main(cfg: DictConfig) -> None:
-    """Entry point of ``python -m bench.perf``: measure, write, print the table."""
+    """Entry point of ``python -m bench.tools.perf``: measure, write, print the table."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     runtime = HydraConfig.get().runtime.choices
     choices = {k: str(runtime.get(k)) for k in ("dataset", "classifier", "threat")}

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from bench.errors import ConfigError, NonFiniteError
+from common.errors import ConfigError, NonFiniteError
 from defenses.base import Defense, has_own_predict
 
 GRAD_MODES = ("exact", "bpda", "surrogate", "transfer")

@@ -1,0 +1,1 @@
+"""Benchmark tools: ``make perf`` and gradient fidelity (``python -m bench.tools.fidelity``)."""

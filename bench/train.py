@@ -1,0 +1,53 @@
+"""``purebench train``: train (or find in the cache) one classifier or one purifier part.
+
+``purebench train classifier=small_cnn_at`` composes ``conf/train.yaml``;
+``purebench train purifier=score dataset=fashion_mnist`` composes ``conf/train_purifier.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from bench.config import CONF_DIR
+from bench.devices import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def train_classifier(cfg: DictConfig) -> dict[str, Any]:
+    """Train (or find cached) the classifier of a ``conf/train.yaml`` config; return its facts."""
+    dataset = instantiate(cfg.dataset)
+    source = instantiate(cfg.classifier)
+    source.check(dataset)
+    model = source.load(dataset, resolve_device(str(cfg.device)))
+    info = source.describe()
+    log.info("%s ready: %s", type(model).__name__, json.dumps(info, indent=2, default=str))
+    return info
+
+
+def train_part(cfg: DictConfig) -> dict[str, Any]:
+    """Train (or find cached) the purifier part of a ``conf/train_purifier.yaml`` config."""
+    dataset = instantiate(cfg.dataset)
+    part = instantiate(cfg.purifier)
+    part.prepare(dataset, resolve_device(str(cfg.device)))
+    info = part.describe()
+    log.info("%s ready: %s", type(part).__name__, json.dumps(info, indent=2, default=str))
+    return info
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def classifier_main(cfg: DictConfig) -> None:
+    """Hydra entry point of ``purebench train classifier=...``."""
+    train_classifier(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_purifier")
+def part_main(cfg: DictConfig) -> None:
+    """Hydra entry point of ``purebench train purifier=...``."""
+    train_part(cfg)
