@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import ClassVar
 
 from pyautoattack import AutoAttack as _PyAutoAttack
 from torch import Tensor, nn
 
 from attacks.base import check_norm
+from common.checks import choice, known_keys, optional_positive_int, positive_int, real
+from common.errors import ConfigError
 
 _VERSIONS = ("standard", "plus", "rand", "custom")
 _SUBATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
@@ -70,6 +73,8 @@ class AutoAttack:
         >>> x_adv = attack(x, y)
     """
 
+    returns_best: ClassVar[bool] = True  # APGD, FAB and Square keep the best point they found
+
     def __init__(
         self,
         model: nn.Module,
@@ -87,16 +92,15 @@ class AutoAttack:
         batch_size: int = 500,
     ) -> None:
         check_norm(norm, ("Linf", "L2"), "AutoAttack")
-        if version not in _VERSIONS:
-            raise ValueError(f"AutoAttack version={version!r}; allowed: {', '.join(_VERSIONS)}")
+        real("AutoAttack eps", eps, "> 0", lambda v: v > 0)
+        choice("AutoAttack version", version, _VERSIONS)
         if version == "custom":
             if not attacks:
-                raise ValueError("AutoAttack version='custom' needs a non-empty `attacks` list")
-            unknown = sorted(set(attacks) - set(_SUBATTACKS))
-            if unknown:
-                raise ValueError(
-                    f"unknown AutoAttack sub-attacks {unknown}; allowed: {', '.join(_SUBATTACKS)}"
+                raise ConfigError(
+                    f"AutoAttack attacks={attacks!r} is not allowed with version='custom'; it "
+                    "must list sub-attacks"
                 )
+            known_keys("AutoAttack sub-attacks", attacks, _SUBATTACKS)
         budget = {
             "n_iter": n_iter,
             "n_queries": n_queries,
@@ -109,23 +113,19 @@ class AutoAttack:
         ):
             # pyautoattack raises on `attacks` with a preset version; a budget change would
             # silently alter a preset that reported numbers depend on.
-            raise ValueError(
+            raise ConfigError(
                 f"`attacks`, {', '.join(f'`{k}`' for k in budget)} are only allowed with "
                 "version='custom'"
             )
         for key, value in budget.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"AutoAttack {key}={value!r} must be a positive integer or null")
-            if value is not None and value < 1:
-                raise ValueError(f"AutoAttack {key}={value!r} must be a positive integer or null")
+            optional_positive_int(f"AutoAttack {key}", value)
+        positive_int("AutoAttack batch_size", batch_size)
         self.model, self.norm, self.eps, self.version = model, norm, eps, version
         self.attacks = list(attacks) if attacks is not None else None
         self.n_iter, self.n_queries, self.eot_iter = n_iter, n_queries, eot_iter
         self.n_restarts, self.n_target_classes = n_restarts, n_target_classes
         self.seed, self.batch_size = seed, batch_size
         self.warnings: list[str] = []
-
-    returns_best = True  # APGD, FAB and Square keep the best point they found
 
     @property
     def kind(self) -> str:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torchattacks
 from torch import Tensor, nn
 
 from attacks.base import check_norm
+from common.checks import real
 
 
 class FGSMRS:
@@ -27,11 +30,15 @@ class FGSMRS:
         >>> x_adv = FGSMRS(model, norm="Linf", eps=0.1)(x, y)
     """
 
-    kind = "white-box"
-    returns_best = False
+    kind: ClassVar[str] = "white-box"
+    returns_best: ClassVar[bool] = False  # torchattacks returns its (single) iterate
 
-    def __init__(self, model: nn.Module, *, norm: str, eps: float, rel_stepsize: float = 1.25):
+    def __init__(
+        self, model: nn.Module, *, norm: str, eps: float, rel_stepsize: float = 1.25
+    ) -> None:
         check_norm(norm, ("Linf",), "FGSM-RS")
+        real("FGSM-RS eps", eps, "> 0", lambda v: v > 0)
+        real("FGSM-RS rel_stepsize", rel_stepsize, "> 0", lambda v: v > 0)
         self.norm, self.eps, self.alpha = norm, eps, rel_stepsize * eps
         self._attack = torchattacks.FFGSM(model, eps=eps, alpha=self.alpha)
 

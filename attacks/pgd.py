@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torchattacks
 from torch import Tensor, nn
 
 from attacks.base import check_norm
+from common.checks import flag, positive_int, real
 
 
 class PGD:
@@ -34,8 +37,8 @@ class PGD:
         >>> x_adv = attack(x, y)
     """
 
-    kind = "white-box"
-    returns_best = False  # torchattacks returns the last iterate
+    kind: ClassVar[str] = "white-box"
+    returns_best: ClassVar[bool] = False  # torchattacks returns the last iterate
 
     def __init__(
         self,
@@ -48,8 +51,11 @@ class PGD:
         random_start: bool = True,
     ) -> None:
         check_norm(norm, ("Linf", "L2"), "PGD")
-        if steps < 1:
-            raise ValueError(f"PGD needs steps >= 1, got steps={steps}")
+        real("PGD eps", eps, "> 0", lambda v: v > 0)
+        positive_int("PGD steps", steps)
+        if rel_stepsize is not None:
+            real("PGD rel_stepsize", rel_stepsize, "> 0 or null", lambda v: v > 0)
+        flag("PGD random_start", random_start)
         alpha = eps * (2.5 / steps if rel_stepsize is None else rel_stepsize)
         cls = torchattacks.PGD if norm == "Linf" else torchattacks.PGDL2
         self.norm, self.eps, self.steps, self.alpha = norm, eps, steps, alpha

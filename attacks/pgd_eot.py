@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attacks.base import check_norm
+from common.checks import choice, flag, integer, positive_int, real
+from common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +59,10 @@ def dlr_loss(logits: Tensor, y: Tensor) -> Tensor:
     shifting and rescaling the logits, so a model cannot mask gradients by scaling its outputs.
 
     Raises:
-        ValueError: fewer than 3 classes (the denominator needs a third logit).
+        ConfigError: fewer than 3 classes (the denominator needs a third logit).
     """
     if logits.shape[1] < 3:
-        raise ValueError(f"loss='dlr' needs >= 3 classes, the model gives {logits.shape[1]}")
+        raise ConfigError(f"loss='dlr' needs >= 3 classes, the model gives {logits.shape[1]}")
     z_y, z_other = _true_and_best_other(logits, y)
     top = logits.sort(dim=1, descending=True).values
     return (z_other - z_y) / (top[:, 0] - top[:, 2] + 1e-12)
@@ -147,9 +149,9 @@ class PGDEOT:
             harness's attack view does for a stochastic defense with fresh noise) and success
             is not re-checked (``check_reps == 0``): a point whose EOT-averaged logits are
             fooled is often still classified correctly by fresh purifications, so freezing it
-            there made this PGD weaker than torchattacks' EOTPGD (28.5% against 16.8% robust
-            accuracy in ``make perf``). Switch off when the model's randomness depends on the
-            batch composition. (Default: "auto")
+            there made this PGD weaker than torchattacks' EOTPGD (``make perf``, see
+            docs/costs.md). Switch off when the model's randomness depends on the batch
+            composition. (Default: "auto")
         seed (int): seed of the random starts. (Default: 0)
         track (bool): keep the per-iterate loss and fooled history of the first restart.
             (Default: True)
@@ -171,7 +173,10 @@ class PGDEOT:
         >>> x_adv = attack(x, y)
     """
 
+    kind: ClassVar[str] = "white-box"
     returns_best: ClassVar[bool] = True
+    # Its EOT is the view's (``eot_reduce`` only picks the estimator): nothing to stack on.
+    internal_eot: ClassVar[int] = 1
 
     def __init__(
         self,
@@ -194,42 +199,32 @@ class PGDEOT:
         track: bool = True,
     ) -> None:
         check_norm(norm, ("Linf", "L2"), "PGDEOT")
-        if isinstance(eps, bool) or not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"PGDEOT needs a finite eps > 0, got eps={eps!r}")
-        for name, value, low in (("steps", steps, 1), ("restarts", restarts, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"PGDEOT needs an integer {name} >= {low}, got {name}={value!r}")
-        if isinstance(check_reps, bool) or not isinstance(check_reps, int) or check_reps < 0:
-            raise ValueError(f"PGDEOT needs an integer check_reps >= 0, got {check_reps=!r}")
+        real("PGDEOT eps", eps, "> 0", lambda v: v > 0)
+        positive_int("PGDEOT steps", steps)
+        positive_int("PGDEOT restarts", restarts)
+        integer("PGDEOT check_reps", check_reps, minimum=0)
         for name, value in (("rel_stepsize", rel_stepsize), ("step_size", step_size)):
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"PGDEOT needs {name} > 0 or None, got {name}={value!r}")
-        if not (math.isfinite(defense_loss_weight) and defense_loss_weight >= 0):
-            raise ValueError(f"PGDEOT needs defense_loss_weight >= 0, got {defense_loss_weight=!r}")
+            if value is not None:
+                real(f"PGDEOT {name}", value, "> 0 or null", lambda v: v > 0)
+        real("PGDEOT defense_loss_weight", defense_loss_weight, ">= 0", lambda v: v >= 0)
         losses = [loss] if isinstance(loss, str) else list(loss)
         if not losses:
-            raise ValueError(f"PGDEOT needs at least one loss, got loss={loss!r}")
-        unknown = [name for name in losses if name not in LOSSES]
-        if unknown:
-            raise ValueError(f"PGDEOT loss={unknown[0]!r} is unknown; allowed: {', '.join(LOSSES)}")
+            raise ConfigError(f"PGDEOT loss={loss!r} is not allowed; it must name a loss")
+        for name in losses:
+            choice("PGDEOT loss", name, LOSSES)
         if len(losses) > restarts:
             # Restart r uses loss[r % len(loss)]: the later losses would silently never run.
-            raise ValueError(
+            raise ConfigError(
                 f"PGDEOT loss={losses!r} names {len(losses)} losses but restarts={restarts}: "
                 f"restart r uses loss[r % {len(losses)}], so {losses[restarts:]!r} would never "
                 f"run; set restarts >= {len(losses)}"
             )
-        if success not in SUCCESS_RULES:
-            raise ValueError(
-                f"PGDEOT success={success!r} is not allowed; allowed: {', '.join(SUCCESS_RULES)}"
-            )
-        if early_stop not in (True, False, "auto"):
-            raise ValueError(f"PGDEOT early_stop={early_stop!r} must be true, false or 'auto'")
-        if eot_reduce is not None and eot_reduce not in EOT_REDUCTIONS:
-            raise ValueError(
-                f"PGDEOT eot_reduce={eot_reduce!r} is not allowed; allowed: None, "
-                f"{', '.join(EOT_REDUCTIONS)}"
-            )
+        choice("PGDEOT success", success, SUCCESS_RULES)
+        choice("PGDEOT early_stop", early_stop, (True, False, "auto"))
+        choice("PGDEOT eot_reduce", eot_reduce, (None, *EOT_REDUCTIONS))
+        flag("PGDEOT random_start", random_start)
+        flag("PGDEOT track", track)
+        integer("PGDEOT seed", seed, minimum=0)
 
         self.model = model
         self.norm, self.eps, self.steps, self.restarts = norm, float(eps), steps, restarts
@@ -496,7 +491,7 @@ class PGDEOT:
         if reduce is None:
             reduce = getattr(getattr(self.model, "options", None), "eot_reduce", None) or "logits"
         if reduce not in EOT_REDUCTIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"model.options.eot_reduce={reduce!r} is not allowed; allowed: "
                 f"{', '.join(EOT_REDUCTIONS)}"
             )

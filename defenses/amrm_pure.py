@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import logging
 import math
-import time
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from tqdm.auto import tqdm
 
-from defenses.base import Defense, DefenseInfo, PartContext, check_int, check_real, inner_autograd
+from common import seeds
+from common.checks import flag, integer, optional_positive_int, positive_int, real
+from common.errors import ConfigError
+from common.progress import TrainingProgress
+from defenses.base import Defense, DefenseInfo, PartContext, inner_autograd
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ _TINY = 1e-12
 def _sincos_2d(grid_h: int, grid_w: int, dim: int) -> Tensor:
     """Fixed 2D sine-cosine position embedding ``(grid_h * grid_w, dim)``, as in MAE."""
     if dim % 4:
-        raise ValueError(f"embedding width={dim} must be a multiple of 4 (2D sine-cosine)")
+        raise ConfigError(f"embedding width={dim} must be a multiple of 4 (2D sine-cosine)")
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     ys, xs = torch.meshgrid(
@@ -61,7 +64,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"width={dim} must be divisible by heads={heads}")
+            raise ConfigError(f"width={dim} must be divisible by heads={heads}")
         self.heads = heads
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -120,14 +123,14 @@ class MAE(nn.Module):
     ) -> None:
         super().__init__()
         h, w = image_size
-        check_int("patch_size", patch_size, 1)
+        positive_int("patch_size", patch_size)
         if h % patch_size or w % patch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"patch_size={patch_size} must divide the image size {h}x{w} (e.g. 2 or 4 for "
                 "8x8 digits, 4 or 7 for 28x28, 4 for 32x32)"
             )
-        for name, value in (("depth", depth), ("decoder_depth", decoder_depth)):
-            check_int(name, value, 1)
+        positive_int("depth", depth)
+        positive_int("decoder_depth", decoder_depth)
         self.in_channels, self.patch_size = in_channels, patch_size
         self.grid = (h // patch_size, w // patch_size)
         self.num_patches = self.grid[0] * self.grid[1]
@@ -169,7 +172,7 @@ class MAE(nn.Module):
         """Patches left visible at ``mask_ratio``; raises unless 1 <= it < ``L``."""
         keep = int(round(self.num_patches * (1 - mask_ratio)))
         if not 1 <= keep < self.num_patches:
-            raise ValueError(
+            raise ConfigError(
                 f"mask_ratio={mask_ratio!r} leaves {keep} of {self.num_patches} patches visible; "
                 "at least one patch must be masked and one visible (choose a ratio in "
                 f"[{1 / self.num_patches:.3g}, {1 - 1 / self.num_patches:.3g}] or a smaller "
@@ -278,27 +281,25 @@ def train_mae(
     ``ctx.seed``. Returns the loss curve (every ``log_every`` steps), the held-out masked MSE on
     ``ctx.x_test[:eval_samples]`` at ``mask_ratio`` and at 0.25 / 0.5 / 0.75, and ``train_s``.
     """
-    check_int("steps", steps, 1)
-    check_int("batch_size", batch_size, 1)
-    check_real("lr", lr, "> 0", lambda v: v > 0)
-    check_real("final_lr", final_lr, "in (0, lr]", lambda v: 0 < v <= lr)
-    check_real("mask_ratio_spread", mask_ratio_spread, ">= 0", lambda v: v >= 0)
+    positive_int("steps", steps)
+    positive_int("batch_size", batch_size)
+    real("lr", lr, "> 0", lambda v: v > 0)
+    real("final_lr", final_lr, "in (0, lr]", lambda v: 0 < v <= lr)
+    real("mask_ratio_spread", mask_ratio_spread, ">= 0", lambda v: v >= 0)
+    optional_positive_int("n_train", n_train)
+    positive_int("log_every", log_every)
     for ratio in (mask_ratio - mask_ratio_spread, mask_ratio + mask_ratio_spread):
         net.visible_count(ratio)
-    rng = torch.Generator().manual_seed(ctx.seed)
-    masks = torch.Generator().manual_seed(ctx.seed + 1)
+    rng = torch.Generator().manual_seed(seeds.training(ctx.seed, seeds.Stream.DATA))
+    masks = torch.Generator().manual_seed(seeds.training(ctx.seed, seeds.Stream.NOISE))
     x = ctx.x_train
     if n_train is not None:
-        check_int("n_train", n_train, 1)
         x = x[torch.randperm(len(x), generator=rng)[:n_train]]
     net.train()
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=final_lr)
-    curve: list[dict[str, float]] = []
-    window: list[float] = []
-    start = time.perf_counter()
-    bar = tqdm(range(steps), desc="train MAE", leave=False, disable=None)
-    for step in bar:
+    progress = TrainingProgress("train MAE", steps, log_every, logger=log)
+    for step in progress:
         idx = torch.randint(len(x), (batch_size,), generator=rng)
         xb = x[idx].to(ctx.device)
         noise = _draw_noise(len(xb), net.num_patches, masks, ctx.device)
@@ -309,12 +310,7 @@ def train_mae(
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        window.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            curve.append({"step": step + 1, "loss": sum(window) / len(window)})
-            bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
-            window = []
-    train_s = time.perf_counter() - start
+        progress.update(step, loss=loss.item())
     net.eval()
     x_test = ctx.x_test[:eval_samples]
     test_loss = _held_out_mse(net, x_test, ctx, mask_ratio)
@@ -322,26 +318,26 @@ def train_mae(
     for ratio in (0.25, 0.5, 0.75):
         try:
             by_ratio[str(ratio)] = _held_out_mse(net, x_test, ctx, ratio)
-        except ValueError:  # too few patches for this ratio (tiny test images)
+        except ConfigError:  # too few patches for this ratio (tiny test images)
             continue
     log.info(
         "MAE trained in %.0f s: final loss %.4f, test masked MSE %.4f",
-        train_s,
-        curve[-1]["loss"],
+        progress.elapsed,
+        progress.curve[-1]["loss"],
         test_loss,
     )
     return {
-        "loss_curve": curve,
+        "loss_curve": progress.curve,
         "test_masked_mse": test_loss,
         "test_masked_mse_by_ratio": by_ratio,
         "n_train": len(x),
-        "train_s": train_s,
+        "train_s": progress.elapsed,
     }
 
 
 @torch.no_grad()
 def _held_out_mse(net: MAE, x: Tensor, ctx: PartContext, mask_ratio: float) -> float:
-    g = torch.Generator().manual_seed(ctx.seed + 2)
+    g = torch.Generator().manual_seed(seeds.training(ctx.seed, seeds.Stream.HELD_OUT))
     total = 0.0
     for i in range(0, len(x), 256):
         xb = x[i : i + 256].to(ctx.device)
@@ -368,38 +364,29 @@ def finetune_ramrm(
 ) -> dict[str, Any]:
     r"""RAMRM-Pure's robust fine-tuning of a pre-trained MAE against the frozen classifier.
 
-    An interpretation [R] of the paper's App. F.1, whose formulas are not legible: Stage I adds
-    Gaussian noise (std ``noise_std``) to training images and crafts Linf adversarial examples
-    (radius ``eps``, ``attack_steps`` signed steps of ``2.5 eps / attack_steps`` from a random
-    start; FGSM-RS for one step) against the whole reconstruction + classifier system
-    ``f(recon_theta(x))``, where ``recon_theta`` fills the masked patches (ratio ``mask_ratio``)
-    with the decoder's prediction. Stage II fine-tunes ``theta`` on them with the classifier's
-    loss (AToP-style, classifier frozen) plus the MAE loss on the clean images at the same mask
-    ratio, which keeps the reconstruction loss the purification loop descends on meaningful:
+    Our reading of the paper's App. F.1, whose formulas are not legible (see
+    docs/defenses/amrm_pure.md): Stage I adds Gaussian noise (std ``noise_std``) to training
+    images and crafts Linf adversarial examples (radius ``eps``, ``attack_steps`` signed steps of
+    ``2.5 eps / attack_steps`` from a random start; FGSM-RS for one step) against the whole
+    reconstruction + classifier system ``f(recon_theta(x))``, where ``recon_theta`` fills the
+    masked patches (ratio ``mask_ratio``) with the decoder's prediction. Stage II fine-tunes
+    ``theta`` on them with the classifier's loss (AToP-style, classifier frozen) plus the MAE loss
+    on the clean images at the same mask ratio, which keeps the reconstruction loss the
+    purification loop descends on meaningful:
 
         min_theta  CE(f(recon_theta(x'_adv)), y) + mae_weight * L_rec(x)
 
     The paper does not say how CE gradients reach ``theta`` through its signed-gradient
-    purifier; taking ``P_theta`` as the reconstruction output is the reference's reading.
+    purifier; this implementation takes ``P_theta`` to be the reconstruction output.
     Returns the loss curves, clean and adversarial accuracy of ``f(recon_theta)`` on
     ``ctx.x_test[:eval_samples]`` before and after, and ``train_s``.
     """
-    if ctx.classifier is None:
-        raise ValueError("finetune_ramrm needs the protected classifier (uses_classifier: true)")
-    check_int("steps", steps, 1)
-    check_int("batch_size", batch_size, 1)
-    check_real("lr", lr, "> 0", lambda v: v > 0)
-    check_real("eps", eps, "> 0", lambda v: v > 0)
-    check_int("attack_steps", attack_steps, 1)
-    check_real("noise_std", noise_std, ">= 0", lambda v: v >= 0)
-    check_real("mae_weight", mae_weight, ">= 0", lambda v: v >= 0)
-    net.visible_count(mask_ratio)
-    classifier = ctx.classifier
-    rng = torch.Generator().manual_seed(ctx.seed)
-    draws = torch.Generator().manual_seed(ctx.seed + 1)
+    recipe = _Recipe(mask_ratio, eps, attack_steps, noise_std, mae_weight)
+    classifier = _check_finetune(net, ctx, recipe, steps, batch_size, lr, n_train, log_every)
+    rng = torch.Generator().manual_seed(seeds.training(ctx.seed, seeds.Stream.DATA))
+    draws = torch.Generator().manual_seed(seeds.training(ctx.seed, seeds.Stream.NOISE))
     x_all, y_all = ctx.x_train, ctx.y_train
     if n_train is not None:
-        check_int("n_train", n_train, 1)
         keep = torch.randperm(len(x_all), generator=rng)[:n_train]
         x_all, y_all = x_all[keep], y_all[keep]
     x_test = ctx.x_test[:eval_samples].to(ctx.device)
@@ -407,56 +394,101 @@ def finetune_ramrm(
     net.eval()
     before = _recon_accuracy(net, classifier, x_test, y_test, mask_ratio, eps, attack_steps, ctx)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    curve: list[dict[str, float]] = []
-    window: dict[str, list[float]] = {"ce": [], "mae": []}
-    start = time.perf_counter()
-    bar = tqdm(range(steps), desc="fine-tune RAMRM", leave=False, disable=None)
-    for step in bar:
+    progress = TrainingProgress("fine-tune RAMRM", steps, log_every, logger=log)
+    for step in progress:
         idx = torch.randint(len(x_all), (batch_size,), generator=rng)
         x, y = x_all[idx].to(ctx.device), y_all[idx].to(ctx.device)
-        gauss = torch.randn(x.shape, generator=draws).to(ctx.device)
-        noisy = (x + noise_std * gauss).clamp(0, 1)
-        # Stage I: the weights are fixed while crafting (eval mode, no parameter gradients).
-        net.eval()
-        x_adv = _attack_recon(net, classifier, noisy, y, mask_ratio, eps, attack_steps, draws)
-        # Stage II.
-        net.train()
-        noise = _draw_noise(len(x), net.num_patches, draws, ctx.device)
-        ce = F.cross_entropy(classifier(net.reconstruct(x_adv, noise, mask_ratio)), y)
-        noise = _draw_noise(len(x), net.num_patches, draws, ctx.device)
-        rec = net.loss(x, noise, mask_ratio).mean()
-        loss = ce + mae_weight * rec
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optimizer.step()
-        window["ce"].append(ce.item())
-        window["mae"].append(rec.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            point = {"step": step + 1, **{k: sum(v) / len(v) for k, v in window.items()}}
-            curve.append(point)
-            bar.set_postfix(ce=f"{point['ce']:.3f}", mae=f"{point['mae']:.4f}")
-            window = {"ce": [], "mae": []}
-    train_s = time.perf_counter() - start
+        ce, rec = _finetune_step(net, classifier, optimizer, x, y, draws, recipe)
+        progress.update(step, ce=ce, mae=rec)
     net.eval()
     after = _recon_accuracy(net, classifier, x_test, y_test, mask_ratio, eps, attack_steps, ctx)
     test_loss = _held_out_mse(net, ctx.x_test[:1000], ctx, mask_ratio)
     log.info(
         "RAMRM fine-tuning in %.0f s: recon clean/adv acc %.3f/%.3f -> %.3f/%.3f",
-        train_s,
+        progress.elapsed,
         before["clean"],
         before["adv"],
         after["clean"],
         after["adv"],
     )
     return {
-        "loss_curve": curve,
+        "loss_curve": progress.curve,
         "recon_acc_before": before,
         "recon_acc_after": after,
         "test_masked_mse": test_loss,
         "n_train": len(x_all),
-        "train_s": train_s,
+        "train_s": progress.elapsed,
     }
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """What one step of :func:`finetune_ramrm` needs beyond the batch (see there)."""
+
+    mask_ratio: float
+    eps: float
+    attack_steps: int
+    noise_std: float
+    mae_weight: float
+
+
+def _check_finetune(
+    net: MAE,
+    ctx: PartContext,
+    recipe: _Recipe,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    n_train: int | None,
+    log_every: int,
+) -> nn.Module:
+    """Validate :func:`finetune_ramrm`'s arguments; return the classifier it trains against."""
+    if ctx.classifier is None:
+        raise ConfigError(
+            "finetune_ramrm needs the protected classifier: its TrainedPart needs "
+            "uses_classifier: true"
+        )
+    positive_int("steps", steps)
+    positive_int("batch_size", batch_size)
+    real("lr", lr, "> 0", lambda v: v > 0)
+    real("eps", recipe.eps, "> 0", lambda v: v > 0)
+    positive_int("attack_steps", recipe.attack_steps)
+    real("noise_std", recipe.noise_std, ">= 0", lambda v: v >= 0)
+    real("mae_weight", recipe.mae_weight, ">= 0", lambda v: v >= 0)
+    optional_positive_int("n_train", n_train)
+    positive_int("log_every", log_every)
+    net.visible_count(recipe.mask_ratio)
+    return ctx.classifier
+
+
+def _finetune_step(
+    net: MAE,
+    classifier: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    draws: torch.Generator,
+    recipe: _Recipe,
+) -> tuple[float, float]:
+    """One step of :func:`finetune_ramrm` on the batch ``(x, y)``; returns its CE and MAE loss."""
+    gauss = torch.randn(x.shape, generator=draws).to(x.device)
+    noisy = (x + recipe.noise_std * gauss).clamp(0, 1)
+    ratio = recipe.mask_ratio
+    # Stage I: the weights are fixed while crafting (eval mode, no parameter gradients).
+    net.eval()
+    x_adv = _attack_recon(net, classifier, noisy, y, ratio, recipe.eps, recipe.attack_steps, draws)
+    # Stage II.
+    net.train()
+    noise = _draw_noise(len(x), net.num_patches, draws, x.device)
+    ce = F.cross_entropy(classifier(net.reconstruct(x_adv, noise, ratio)), y)
+    noise = _draw_noise(len(x), net.num_patches, draws, x.device)
+    rec = net.loss(x, noise, ratio).mean()
+    loss = ce + recipe.mae_weight * rec
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    optimizer.step()
+    return ce.item(), rec.item()
 
 
 def _attack_recon(
@@ -495,7 +527,7 @@ def _recon_accuracy(
     ctx: PartContext,
 ) -> dict[str, float]:
     """Accuracy of ``f(recon(x))`` on clean and on attacked (as in training) test images."""
-    draws = torch.Generator().manual_seed(ctx.seed + 3)
+    draws = torch.Generator().manual_seed(seeds.training(ctx.seed, seeds.Stream.HELD_OUT_ATTACK))
     hits = {"clean": 0, "adv": 0}
     for i in range(0, len(x), 250):
         xb, yb = x[i : i + 250], y[i : i + 250]
@@ -524,7 +556,8 @@ class AMRMPure(Defense):
 
     with ``lambda_s = step_size``, halved for the second half of the steps when
     ``halve_step``. The "clip(., eta)" of the paper is read as the projection onto the Linf ball
-    of radius ``eta`` around the input ([R], the formula is not legible). RAMRM-Pure is the same
+    of radius ``eta`` around the input (our reading: the formula is not legible; see
+    docs/defenses/amrm_pure.md). RAMRM-Pure is the same
     loop on a robustly fine-tuned MAE (:func:`finetune_ramrm`; ``conf/defense/ramrm_pure.yaml``).
 
     Properties: stochastic (masks from ``generator``), differentiable, iterative. ``sign`` has a
@@ -599,34 +632,20 @@ class AMRMPure(Defense):
         attack_seed: int = 0,
     ) -> None:
         super().__init__()
-        check_int("steps", steps, 1)
-        check_real("step_size", step_size, "> 0", lambda v: v > 0)
-        check_real("eta", eta, "in (0, 1]", lambda v: 0 < v <= 1)
-        check_real("mask_ratio", mask_ratio, "in (0, 1)", lambda v: 0 < v < 1)
-        for name, flag in (
-            ("halve_step", halve_step),
-            ("checkpoint", checkpoint),
-            ("second_order", second_order),
-        ):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name}={flag!r} must be true or false")
-        if smoothing not in SMOOTHINGS:
-            raise ValueError(f"smoothing={smoothing!r} must be one of {', '.join(SMOOTHINGS)}")
-        check_real("smoothing_k", smoothing_k, "> 0", lambda v: v > 0)
-        check_int("attack_masks", attack_masks, 1)
-        check_int("attack_seed", attack_seed, 0)
         self.mae = mae
-        self.steps = steps
-        self.step_size = float(step_size)
-        self.halve_step = halve_step
-        self.eta = float(eta)
-        self.mask_ratio = float(mask_ratio)
-        self.checkpoint = checkpoint
-        self.second_order = second_order
+        self.steps = positive_int("steps", steps)
+        self.step_size = real("step_size", step_size, "> 0", lambda v: v > 0)
+        self.halve_step = flag("halve_step", halve_step)
+        self.eta = real("eta", eta, "in (0, 1]", lambda v: 0 < v <= 1)
+        self.mask_ratio = real("mask_ratio", mask_ratio, "in (0, 1)", lambda v: 0 < v < 1)
+        self.checkpoint = flag("checkpoint", checkpoint)
+        self.second_order = flag("second_order", second_order)
+        if smoothing not in SMOOTHINGS:
+            raise ConfigError(f"smoothing={smoothing!r} must be one of {', '.join(SMOOTHINGS)}")
         self.smoothing = smoothing
-        self.smoothing_k = float(smoothing_k)
-        self.attack_masks = attack_masks
-        self.attack_seed = attack_seed
+        self.smoothing_k = real("smoothing_k", smoothing_k, "> 0", lambda v: v > 0)
+        self.attack_masks = positive_int("attack_masks", attack_masks)
+        self.attack_seed = integer("attack_seed", attack_seed, minimum=0)
 
     @property
     def calls_per_purify(self) -> int:
@@ -644,14 +663,16 @@ class AMRMPure(Defense):
         """Masked reconstruction loss per image ``(N,)`` for the mask ranks ``noise (N, L)``."""
         return self.mae.loss(x, noise, self.mask_ratio)
 
-    def attack_loss(self, x: Tensor) -> Tensor:
+    def attack_loss(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """Minus the masked reconstruction loss per image, averaged over fixed masks.
 
         A defense-aware attacker maximises ``CE - weight * L_rec`` (Croce et al., ICML 2022):
         an adversarial image the MAE already reconstructs well gives the descent little to
-        undo. ``L_rec`` is a per-pixel mean (about 1e-2 on Fashion-MNIST), so the attack's
-        weight should be large (tens) to matter beside the cross-entropy.
+        undo. ``L_rec`` is a per-pixel mean, small beside the cross-entropy, so the attack's
+        weight should be large (tens) to matter. The masks are a fixed set drawn from
+        ``attack_seed``, so the term is deterministic and ``generator`` is ignored.
         """
+        # The seed of the fixed attack masks: the same set for every call, batch and device.
         gen = torch.Generator().manual_seed(self.attack_seed)
         noise = torch.rand(self.attack_masks, len(x), self.mae.num_patches, generator=gen)
         noise = noise.to(x.device)
@@ -672,7 +693,7 @@ class AMRMPure(Defense):
         if generator is None:
             # Fresh randomness without touching global seeding: one draw from the default
             # generator seeds a private one on the input's device.
-            seed = int(torch.randint(0, 2**62, ()))
+            seed = int(torch.randint(0, seeds.SEED_HIGH, ()))
             generator = torch.Generator(device=x0.device).manual_seed(seed)
         with inner_autograd(x0) as (x0, exact):
             # All masks first, so that purify and surrogate see the same masks for one

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from defenses.base import Defense, DefenseInfo, PartContext, check_int, check_real
+from common import seeds
+from common.checks import choice, integer, positive_int, real
+from common.errors import ConfigError
+from common.progress import TrainingProgress
+from defenses.base import Defense, DefenseInfo, PartContext
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ KINDS = ("rt1", "rt2", "rt3")
 
 @dataclass(frozen=True)
 class RandomTransform:
-    """AToP's random transforms RT1, RT2 and RT3 (reference section 4.2).
+    """AToP's random transforms RT1, RT2 and RT3 (docs/defenses/atop.md).
 
     The image is divided into a ``grid x grid`` array of blocks (block edges at ``i * H //
     grid``, so 28x28 with ``grid=4`` gives 7x7 blocks, 8x8 gives 2x2, 256x256 with ``grid=8``
@@ -66,19 +68,19 @@ class RandomTransform:
     resize: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind={self.kind!r} is not a random transform; allowed: {KINDS}")
-        check_real("sigma", self.sigma, ">= 0", lambda v: v >= 0)
-        check_int("grid", self.grid, 1)
-        check_real("missing", self.missing, "in [0, 1)", lambda v: 0 <= v < 1)
-        check_int("n_masks", self.n_masks, 2)
+        choice("kind", self.kind, KINDS)
+        real("sigma", self.sigma, ">= 0", lambda v: v >= 0)
+        positive_int("grid", self.grid)
+        real("missing", self.missing, "in [0, 1)", lambda v: 0 <= v < 1)
+        integer("n_masks", self.n_masks, minimum=2)
         if self.kind == "rt3" and self.n_masks > self.grid**2:
-            raise ValueError(
+            raise ConfigError(
                 f"n_masks={self.n_masks!r} must be at most grid**2={self.grid**2}: each of "
                 "rt3's disjoint masks needs a block"
             )
         if self.resize is not None:
-            check_int("resize", self.resize, self.grid)
+            # The resized image must hold at least one pixel per block.
+            integer("resize", self.resize, minimum=self.grid)
 
     @property
     def passes(self) -> int:
@@ -93,7 +95,7 @@ class RandomTransform:
     def block_ids(self, h: int, w: int, device: torch.device | None = None) -> Tensor:
         """Block index of every pixel, ``(H, W)`` int64, row-major over the grid."""
         if min(h, w) < self.grid:
-            raise ValueError(
+            raise ConfigError(
                 f"grid={self.grid} needs images of at least {self.grid}x"
                 f"{self.grid} pixels, got {h}x{w}"
             )
@@ -161,7 +163,7 @@ def inpaint(
 class Inpainter(nn.Module):
     """A small U-Net inpainter: (noisy masked image, mask) -> completed image in (0, 1).
 
-    A stand-in for DeepFillv2's gated-conv generator (reference section 4.7): ``depth``
+    A stand-in for DeepFillv2's gated-conv generator (docs/defenses/atop.md): ``depth``
     stride-2 levels of two 3x3 convolutions (widths ``width * 2**i``, each followed by group
     normalisation and ReLU), a dilated bottleneck convolution for a receptive field that spans
     a missing block, skip connections, a sigmoid output. He-initialised. Fully convolutional,
@@ -179,9 +181,9 @@ class Inpainter(nn.Module):
 
     def __init__(self, channels: int, width: int = 16, depth: int = 2) -> None:
         super().__init__()
-        check_int("channels", channels, 1)
-        check_int("width", width, 1)
-        check_int("depth", depth, 1)
+        positive_int("channels", channels)
+        positive_int("width", width)
+        positive_int("depth", depth)
         widths = [width * 2**i for i in range(depth + 1)]
         self.inc = _double(channels + 1, widths[0])
         self.downs = nn.ModuleList(
@@ -242,13 +244,13 @@ def arch(ctx: PartContext, width: int = 16, depth: int = 2) -> Inpainter:
 def _check_recipe(
     steps: int, batch_size: int, lr: float, log_every: int, eval_samples: int, rt: RandomTransform
 ) -> None:
-    check_int("steps", steps, 1)
-    check_int("batch_size", batch_size, 1)
-    check_real("lr", lr, "> 0", lambda v: v > 0)
-    check_int("log_every", log_every, 1)
-    check_int("eval_samples", eval_samples, 1)
+    positive_int("steps", steps)
+    positive_int("batch_size", batch_size)
+    real("lr", lr, "> 0", lambda v: v > 0)
+    positive_int("log_every", log_every)
+    positive_int("eval_samples", eval_samples)
     if not isinstance(rt, RandomTransform):
-        raise ValueError(f"rt={rt!r} must be a RandomTransform")
+        raise ConfigError(f"rt={rt!r} must be a RandomTransform")
 
 
 def pretrain(
@@ -269,16 +271,14 @@ def pretrain(
     L1 on the first ``eval_samples`` test images and the time taken.
     """
     _check_recipe(steps, batch_size, lr, log_every, eval_samples, rt)
-    data = torch.Generator().manual_seed(ctx.seed)
-    noise = torch.Generator(device=ctx.device).manual_seed(ctx.seed + 1)
+    data = torch.Generator().manual_seed(seeds.training(ctx.seed, seeds.Stream.DATA))
+    noise = torch.Generator(device=ctx.device)
+    noise.manual_seed(seeds.training(ctx.seed, seeds.Stream.NOISE))
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=lr / 10)
     net.train()
-    curve: list[dict[str, float]] = []
-    window: list[float] = []
-    start = time.perf_counter()
-    bar = tqdm(range(steps), desc="pre-train AToP inpainter", leave=False, disable=None)
-    for step in bar:
+    progress = TrainingProgress("pre-train AToP inpainter", steps, log_every, logger=log)
+    for step in progress:
         idx = torch.randint(len(ctx.x_train), (batch_size,), generator=data)
         x = ctx.x_train[idx].to(ctx.device)
         loss = (inpaint(net, rt, x, generator=noise) - x).abs().mean()
@@ -286,21 +286,16 @@ def pretrain(
         loss.backward()
         optimizer.step()
         schedule.step()
-        window.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            curve.append({"step": step + 1, "l1": sum(window) / len(window)})
-            bar.set_postfix(l1=f"{curve[-1]['l1']:.4f}")
-            window = []
-    train_s = time.perf_counter() - start
+        progress.update(step, l1=loss.item())
     net.eval()
     held_out = _held_out(net, rt, ctx, eval_samples)
     log.info(
         "AToP inpainter pre-trained in %.0f s: final L1 %.4f, test L1 %.4f",
-        train_s,
-        curve[-1]["l1"],
+        progress.elapsed,
+        progress.curve[-1]["l1"],
         held_out["test_l1"],
     )
-    return {"loss_curve": curve, **held_out, "train_s": train_s}
+    return {"loss_curve": progress.curve, **held_out, "train_s": progress.elapsed}
 
 
 def finetune(
@@ -334,23 +329,24 @@ def finetune(
     purifier and of the bare classifier on the first ``eval_samples`` test images.
     """
     _check_recipe(steps, batch_size, lr, log_every, eval_samples, rt)
-    check_real("eps", eps, "> 0", lambda v: v > 0)
-    check_real("lam", lam, ">= 0", lambda v: v >= 0)
-    check_real("beta1", beta1, "in [0, 1)", lambda v: 0 <= v < 1)
-    check_real("clean_fraction", clean_fraction, "in [0, 1]", lambda v: 0 <= v <= 1)
+    real("eps", eps, "> 0", lambda v: v > 0)
+    real("lam", lam, ">= 0", lambda v: v >= 0)
+    real("beta1", beta1, "in [0, 1)", lambda v: 0 <= v < 1)
+    real("clean_fraction", clean_fraction, "in [0, 1]", lambda v: 0 <= v <= 1)
     n_clean = round(clean_fraction * batch_size)
     f = ctx.classifier
     if f is None:
-        raise ValueError("AToP fine-tuning needs the protected classifier (uses_classifier: true)")
-    data = torch.Generator().manual_seed(ctx.seed)
-    noise = torch.Generator(device=ctx.device).manual_seed(ctx.seed + 1)
+        raise ConfigError(
+            "AToP fine-tuning needs the protected classifier: its TrainedPart needs "
+            "uses_classifier: true"
+        )
+    data = torch.Generator().manual_seed(seeds.training(ctx.seed, seeds.Stream.DATA))
+    noise = torch.Generator(device=ctx.device)
+    noise.manual_seed(seeds.training(ctx.seed, seeds.Stream.NOISE))
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=(beta1, 0.999))
     net.train()
-    curve: list[dict[str, float]] = []
-    window: list[tuple[float, float]] = []
-    start = time.perf_counter()
-    bar = tqdm(range(steps), desc="AToP fine-tuning", leave=False, disable=None)
-    for step in bar:
+    progress = TrainingProgress("AToP fine-tuning", steps, log_every, logger=log)
+    for step in progress:
         idx = torch.randint(len(ctx.x_train), (batch_size,), generator=data)
         x, y = ctx.x_train[idx].to(ctx.device), ctx.y_train[idx].to(ctx.device)
         # The first n_clean images of the (random) batch stay clean.
@@ -364,28 +360,21 @@ def finetune(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        window.append((l1.item(), ce.item()))
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            l1_mean = sum(w[0] for w in window) / len(window)
-            ce_mean = sum(w[1] for w in window) / len(window)
-            curve.append({"step": step + 1, "l1": l1_mean, "ce": ce_mean})
-            bar.set_postfix(l1=f"{l1_mean:.4f}", ce=f"{ce_mean:.3f}")
-            window = []
-    train_s = time.perf_counter() - start
+        progress.update(step, l1=l1.item(), ce=ce.item())
     net.eval()
     held_out = _held_out(net, rt, ctx, eval_samples, eps=eps)
     h = held_out
     log.info(
         "AToP fine-tuning took %.0f s: test L1 %.4f, clean acc %.3f, FGSM acc %.3f "
         "(bare classifier %.3f / %.3f)",
-        train_s,
+        progress.elapsed,
         h["test_l1"],
         h["test_acc"],
         h["test_acc_fgsm"],
         h["bare_acc"],
         h["bare_acc_fgsm"],
     )
-    return {"loss_curve": curve, **held_out, "train_s": train_s}
+    return {"loss_curve": progress.curve, **held_out, "train_s": progress.elapsed}
 
 
 def _fgsm(f: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
@@ -400,7 +389,8 @@ def _held_out(
     net: nn.Module, rt: RandomTransform, ctx: PartContext, n: int, eps: float | None = None
 ) -> dict[str, float]:
     """L1 to the clean test images and, with a classifier, accuracies with and without it."""
-    g = torch.Generator(device=ctx.device).manual_seed(ctx.seed + 2)
+    g = torch.Generator(device=ctx.device)
+    g.manual_seed(seeds.training(ctx.seed, seeds.Stream.HELD_OUT))
     x_all, y_all = ctx.x_test[:n], ctx.y_test[:n]
     sums = {
         "test_l1": 0.0,
@@ -446,7 +436,7 @@ class AToP(Defense):
     differentiable (exactly: through the resize, the additive noise, the multiplicative mask
     and ``g``; the clip after the noise has zero gradient where it clips), not iterative. One
     inpainter pass per image (rt3: ``n_masks``). BPDA's ``approx`` is the identity, the setting
-    of the authors' ablations (tables 7/8), which inflates robustness (reference section 4.6).
+    of the authors' ablations (tables 7/8), which inflates robustness (docs/defenses/atop.md).
 
     Arguments:
         purifier (nn.Module): the inpainter, called as ``purifier(masked_image, mask)``
@@ -474,10 +464,10 @@ class AToP(Defense):
     def __init__(self, purifier: nn.Module, rt: RandomTransform | None = None) -> None:
         super().__init__()
         if not isinstance(purifier, nn.Module):
-            raise ValueError(f"purifier={purifier!r} must be an nn.Module (the inpainter)")
+            raise ConfigError(f"purifier={purifier!r} must be an nn.Module (the inpainter)")
         rt = RandomTransform() if rt is None else rt
         if not isinstance(rt, RandomTransform):
-            raise ValueError(f"rt={rt!r} must be a RandomTransform")
+            raise ConfigError(f"rt={rt!r} must be a RandomTransform")
         self.purifier = purifier
         self.rt = rt
 

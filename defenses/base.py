@@ -9,11 +9,9 @@ randomness is averaged (EOT); the defense only declares static facts about itsel
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from numbers import Real
 from typing import ClassVar
 
 import torch
@@ -62,7 +60,8 @@ class PartContext:
         y_test: their labels.
         num_classes: number of classes of the dataset.
         device: where to train.
-        seed: seeds weight initialisation, data order and every random draw of training.
+        seed: seeds weight initialisation, data order and every random draw of training; each
+            generator's seed is derived from it by :func:`common.seeds.training`.
         classifier: the frozen classifier the defense protects (``eval()``, no parameter
             requiring grad, on ``device``), for parts trained against it (CARSO's conditioning,
             AToP's and RAMRM-Pure's fine-tuning); ``None`` when the part does not use it.
@@ -102,7 +101,8 @@ class Defense(nn.Module):
     * :meth:`predict`: the decision when it is not ``classifier(purify(x))`` (CARSO aggregates
       several decoded samples).
     * :meth:`attack_loss`: a per-image term that a defense-aware attack adds to its loss (e.g.
-      minus the purifier's own reconstruction error), or ``None``.
+      minus the purifier's own reconstruction error), or ``None``; randomness from its
+      ``generator``.
     * :meth:`bind`: receive the protected classifier (CARSO conditions on its activations).
     """
 
@@ -138,12 +138,15 @@ class Defense(nn.Module):
         """
         return classifier(self.purify(x, generator=generator))
 
-    def attack_loss(self, x: Tensor) -> Tensor | None:
+    def attack_loss(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor | None:
         """A per-image term (shape ``(N,)``) for defense-aware attacks to maximise, or ``None``.
 
         The harness's attacks add ``weight * attack_loss(x)`` to their classification loss when
         configured to; a defense offers here what an adaptive attacker would exploit (e.g. the
         negative reconstruction error of a purifier that moves inputs towards its own modes).
+        Randomness the term needs (CARSO's latents) comes only from ``generator``, so the same
+        generator state gives the same term; a deterministic term ignores it. With
+        ``generator=None`` the draws are fresh, as in :meth:`purify`.
         """
         return None
 
@@ -167,26 +170,6 @@ def has_own_predict(defense: Defense) -> bool:
     Such a defense's decision is not a plain ``classifier(purify(x))``.
     """
     return type(defense).predict is not Defense.predict
-
-
-def check_real(name: str, value: object, allowed: str, ok: Callable[[float], bool]) -> None:
-    """Raise ``ValueError`` unless ``value`` is a finite real number satisfying ``ok``.
-
-    For defense constructors: the message names the argument, its value and what is allowed.
-    """
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, Real)
-        or not math.isfinite(float(value))
-        or not ok(float(value))
-    ):
-        raise ValueError(f"{name}={value!r} must be a finite number {allowed}")
-
-
-def check_int(name: str, value: object, minimum: int) -> None:
-    """Raise ``ValueError`` unless ``value`` is an integer (not a bool) of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
 
 
 @contextmanager

@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from defenses.base import Defense, DefenseInfo, PartContext, check_int, check_real
+from common import seeds
+from common.checks import choice, integer, positive_int, real
+from common.errors import ConfigError
+from common.progress import TrainingProgress
+from defenses.base import Defense, DefenseInfo, PartContext
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +82,10 @@ def aggregate(logits: Tensor, how: str = "lexsemble") -> Tensor:
       probability. The votes have no gradient; the tie-break term's is that of a soft vote.
 
     Raises:
-        ValueError: an unknown aggregation or a bad logits shape.
+        ConfigError: an unknown aggregation.
+        ValueError: a bad logits shape.
     """
-    if how not in AGGREGATIONS:
-        raise ValueError(f"aggregation={how!r} is unknown; allowed: {', '.join(AGGREGATIONS)}")
+    choice("aggregation", how, AGGREGATIONS)
     _check_logits(logits)
     if how == "lexsemble":
         return lexsemble(logits)
@@ -113,16 +116,16 @@ def select_modules(
     here knows any architecture.
 
     Raises:
-        ValueError: nothing matches, or a name in ``layers`` is not a module of the classifier.
+        ConfigError: nothing matches, or a name in ``layers`` is not a module of the classifier.
     """
     named = [(n, m) for n, m in classifier.named_modules() if n]
     missing = sorted(set(layers) - {n for n, _ in named})
     if missing:
-        raise ValueError(f"layers={list(missing)!r} are not modules of the classifier")
+        raise ConfigError(f"layers={list(missing)!r} are not modules of the classifier")
     chosen = [(n, m) for n, m in named if type(m).__name__ in layer_types or n in layers]
     if not chosen:
         present = sorted({type(m).__name__ for _, m in named})
-        raise ValueError(
+        raise ConfigError(
             f"no module of the classifier matches layer_types={list(layer_types)!r} or "
             f"layers={list(layers)!r}; its module types are {present}"
         )
@@ -248,26 +251,22 @@ class CVAE(nn.Module):
         decoder_channels: Sequence[int] = (64, 32, 16),
     ) -> None:
         super().__init__()
-        for name, value, low in (
-            ("num_classes", num_classes, 2),
-            ("compressor_depth", compressor_depth, 1),
-            ("compressor_min_channels", compressor_min_channels, 1),
-            ("code_dim", code_dim, 1),
-            ("hidden", hidden, 1),
-            ("latent_dim", latent_dim, 1),
-        ):
-            check_int(name, value, low)
-        if compressor_stride not in (1, 2):
-            raise ValueError(f"compressor_stride={compressor_stride!r} must be 1 or 2")
+        integer("num_classes", num_classes, minimum=2)
+        positive_int("compressor_depth", compressor_depth)
+        positive_int("compressor_min_channels", compressor_min_channels)
+        positive_int("code_dim", code_dim)
+        positive_int("hidden", hidden)
+        positive_int("latent_dim", latent_dim)
+        choice("compressor_stride", compressor_stride, (1, 2))
         for name, seq in (
             ("encoder_channels", encoder_channels),
             ("decoder_channels", decoder_channels),
         ):
             if not seq or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in seq):
-                raise ValueError(f"{name}={list(seq)!r} must be a non-empty list of positive ints")
+                raise ConfigError(f"{name}={list(seq)!r} must be a non-empty list of positive ints")
         encoder_channels, decoder_channels = tuple(encoder_channels), tuple(decoder_channels)
         if not activation_shapes:
-            raise ValueError("activation_shapes is empty: CARSO needs at least one activation")
+            raise ConfigError("activation_shapes=[]: CARSO needs at least one activation")
         self.image_shape = tuple(int(v) for v in image_shape)
         self.activation_shapes = [tuple(int(v) for v in s) for s in activation_shapes]
         self.layer_types, self.layers = tuple(layer_types), tuple(layers)
@@ -385,22 +384,27 @@ def arch(
     and their shapes; every other argument is :class:`CVAE`'s.
 
     Raises:
-        ValueError: ``ctx.classifier`` is missing (the part needs ``uses_classifier: true``).
+        ConfigError: ``ctx.classifier`` is missing (the part needs ``uses_classifier: true``).
     """
-    if ctx.classifier is None:
-        raise ValueError(
-            "CARSO's CVAE is built from the protected classifier's activations: "
-            "its TrainedPart needs uses_classifier: true"
-        )
+    f = _protected_classifier(
+        ctx, "CARSO's CVAE is built from the protected classifier's activations"
+    )
     layer_types, layers = tuple(layer_types), tuple(layers)
-    modules = [m for _, m in select_modules(ctx.classifier, layer_types, layers)]
+    modules = [m for _, m in select_modules(f, layer_types, layers)]
     with torch.no_grad(), recording(modules) as seen:
-        ctx.classifier(ctx.x_train[:2].to(ctx.device))
+        f(ctx.x_train[:2].to(ctx.device))
     shapes = [tuple(a.shape[1:]) for a in seen]
     log.info("CARSO conditions on %d activations of shapes %s", len(shapes), shapes)
     return CVAE(
         ctx.shape, ctx.num_classes, shapes, layer_types=layer_types, layers=layers, **kwargs
     )
+
+
+def _protected_classifier(ctx: PartContext, why: str) -> nn.Module:
+    """``ctx.classifier``; refuses a part whose config does not hand it over."""
+    if ctx.classifier is None:
+        raise ConfigError(f"{why}: its TrainedPart needs uses_classifier: true")
+    return ctx.classifier
 
 
 # -- training --------------------------------------------------------------------------------
@@ -422,8 +426,7 @@ def craft(
     PGD takes ``steps`` steps of ``step_size`` (``None``: ``2.5 * eps / steps``, Madry et al.'s
     rule) from a uniform start in the ball, drawn from ``generator``.
     """
-    if kind not in ADV_ATTACKS:
-        raise ValueError(f"adversarial attack {kind!r} is unknown; allowed: {ADV_ATTACKS}")
+    choice("kind", kind, ADV_ATTACKS)
     x = x.detach()
     if kind == "fgsm":
         adv, n_steps, alpha = x.clone(), 1, eps
@@ -486,52 +489,29 @@ def train(
     accuracy of CARSO (``samples`` prior samples, lexsemble) and of the bare classifier, clean
     and under PGD against the classifier alone.
     """
-    check_int("steps", steps, 1)
-    check_int("batch_size", batch_size, 1)
-    check_int("pgd_steps", pgd_steps, 1)
-    check_int("samples", samples, 1)
-    check_int("log_every", log_every, 1)
-    check_int("eval_samples", eval_samples, 1)
-    check_real("eps", eps, "> 0", lambda v: v > 0)
-    check_real("lr", lr, "> 0", lambda v: v > 0)
-    if pgd_step_size is not None:
-        check_real("pgd_step_size", pgd_step_size, "> 0", lambda v: v > 0)
-    check_real("adv_fraction", adv_fraction, "in [0, 1]", lambda v: 0 <= v <= 1)
-    check_real("beta", beta, ">= 0", lambda v: v >= 0)
-    check_real("beta_delay", beta_delay, "in [0, 1)", lambda v: 0 <= v < 1)
-    check_real("beta_warmup", beta_warmup, "in [0, 1]", lambda v: 0 <= v <= 1)
-    adv_attacks = tuple(adv_attacks)
-    if not adv_attacks or any(a not in ADV_ATTACKS for a in adv_attacks):
-        raise ValueError(f"adv_attacks={list(adv_attacks)!r}: allowed are {ADV_ATTACKS}")
-    f = ctx.classifier
-    if f is None:
-        raise ValueError("CARSO's training needs the protected classifier (uses_classifier: true)")
-    data = torch.Generator().manual_seed(ctx.seed)
-    noise = torch.Generator(device=ctx.device).manual_seed(ctx.seed + 1)
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    positive_int("steps", steps)
+    positive_int("batch_size", batch_size)
+    positive_int("samples", samples)
+    positive_int("log_every", log_every)
+    positive_int("eval_samples", eval_samples)
+    real("lr", lr, "> 0", lambda v: v > 0)
+    real("adv_fraction", adv_fraction, "in [0, 1]", lambda v: 0 <= v <= 1)
+    real("beta", beta, ">= 0", lambda v: v >= 0)
+    real("beta_delay", beta_delay, "in [0, 1)", lambda v: 0 <= v < 1)
+    real("beta_warmup", beta_warmup, "in [0, 1]", lambda v: 0 <= v <= 1)
     n_adv = round(adv_fraction * batch_size)
+    adversary = _Adversary(n_adv, tuple(adv_attacks), eps, pgd_steps, pgd_step_size)
+    f = _protected_classifier(ctx, "CARSO's training needs the protected classifier")
+    data = torch.Generator().manual_seed(seeds.training(ctx.seed, seeds.Stream.DATA))
+    noise = torch.Generator(device=ctx.device)
+    noise.manual_seed(seeds.training(ctx.seed, seeds.Stream.NOISE))
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     net.train()
-    curve: list[dict[str, float]] = []
-    window: list[tuple[float, float, float]] = []
-    start = time.perf_counter()
-    bar = tqdm(range(steps), desc="train CARSO CVAE", leave=False, disable=None)
-    for step in bar:
+    progress = TrainingProgress("train CARSO CVAE", steps, log_every, logger=log)
+    for step in progress:
         idx = torch.randint(len(ctx.x_train), (batch_size,), generator=data)
         x, y = ctx.x_train[idx].to(ctx.device), ctx.y_train[idx].to(ctx.device)
-        x_in = x
-        if n_adv:
-            kind = adv_attacks[int(torch.randint(len(adv_attacks), (1,), generator=data))]
-            adv = craft(
-                f,
-                x[:n_adv],
-                y[:n_adv],
-                kind=kind,
-                eps=eps,
-                steps=pgd_steps,
-                step_size=pgd_step_size,
-                generator=noise,
-            )
-            x_in = torch.cat([adv, x[n_adv:]])
+        x_in = adversary.mix(f, x, y, data, noise)
         with torch.no_grad():  # the classifier is frozen: its activations need no graph
             acts = net.activations(f, x_in)
         z_noise = torch.randn(len(x), net.latent_dim, generator=noise, device=ctx.device)
@@ -541,23 +521,74 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        window.append((loss.item(), bce.mean().item(), kl.mean().item()))
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            means = [sum(w[i] for w in window) / len(window) for i in range(3)]
-            curve.append(
-                {"step": step + 1, "loss": means[0], "bce": means[1], "kl": means[2], "beta": b}
-            )
-            bar.set_postfix(loss=f"{means[0]:.2f}", kl=f"{means[2]:.2f}")
-            window = []
-    train_s = time.perf_counter() - start
+        values = {"loss": loss.item(), "bce": bce.mean().item(), "kl": kl.mean().item()}
+        progress.update(step, **values, last={"beta": b})
     net.eval()
     _fill_class_codes(net, ctx)
     held_out = _held_out(net, ctx, eps=eps, pgd_steps=pgd_steps, samples=samples, n=eval_samples)
-    h = held_out
+    _log_training(progress, held_out, pgd_steps)
+    return {"loss_curve": progress.curve, **held_out, "train_s": progress.elapsed}
+
+
+@dataclass(frozen=True)
+class _Adversary:
+    """The adversarial part of :func:`train`'s batches (see there).
+
+    Attributes:
+        n_adv: images per batch replaced by adversarial ones (the first ``n_adv``).
+        attacks: the attacks of :func:`craft`, one drawn per batch.
+        eps: their Linf radius.
+        pgd_steps: PGD's steps.
+        pgd_step_size: PGD's step size (``None``: :func:`craft`'s rule).
+    """
+
+    n_adv: int
+    attacks: tuple[str, ...]
+    eps: float
+    pgd_steps: int
+    pgd_step_size: float | None
+
+    def __post_init__(self) -> None:
+        real("eps", self.eps, "> 0", lambda v: v > 0)
+        positive_int("pgd_steps", self.pgd_steps)
+        if self.pgd_step_size is not None:
+            real("pgd_step_size", self.pgd_step_size, "> 0", lambda v: v > 0)
+        if not self.attacks or any(a not in ADV_ATTACKS for a in self.attacks):
+            raise ConfigError(
+                f"adv_attacks={list(self.attacks)!r} is not allowed; allowed: a non-empty list "
+                f"of {', '.join(ADV_ATTACKS)}"
+            )
+
+    def mix(
+        self,
+        f: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        data: torch.Generator,
+        noise: torch.Generator,
+    ) -> Tensor:
+        """``x`` with its first ``n_adv`` images attacked; the attack is drawn from ``data``."""
+        if not self.n_adv:
+            return x
+        kind = self.attacks[int(torch.randint(len(self.attacks), (1,), generator=data))]
+        adv = craft(
+            f,
+            x[: self.n_adv],
+            y[: self.n_adv],
+            kind=kind,
+            eps=self.eps,
+            steps=self.pgd_steps,
+            step_size=self.pgd_step_size,
+            generator=noise,
+        )
+        return torch.cat([adv, x[self.n_adv :]])
+
+
+def _log_training(progress: TrainingProgress, h: dict[str, float], pgd_steps: int) -> None:
     log.info(
         "CARSO CVAE trained in %.0f s: test BCE %.2f, KL %.2f; clean acc %.3f (bare %.3f), "
         "PGD-%d on the classifier %.3f (bare %.3f)",
-        train_s,
+        progress.elapsed,
         h["test_bce"],
         h["test_kl"],
         h["test_acc"],
@@ -566,7 +597,6 @@ def train(
         h["test_acc_pgd"],
         h["bare_acc_pgd"],
     )
-    return {"loss_curve": curve, **held_out, "train_s": train_s}
 
 
 @torch.no_grad()
@@ -588,7 +618,8 @@ def _held_out(
 ) -> dict[str, float]:
     """Reconstruction and accuracy on the first ``n`` test images (see :func:`train`)."""
     f = ctx.classifier
-    g = torch.Generator(device=ctx.device).manual_seed(ctx.seed + 2)
+    g = torch.Generator(device=ctx.device)
+    g.manual_seed(seeds.training(ctx.seed, seeds.Stream.HELD_OUT))
     x_all, y_all = ctx.x_test[:n], ctx.y_test[:n]
     sums = dict.fromkeys(
         ("test_bce", "test_kl", "test_acc", "bare_acc", "test_acc_pgd", "bare_acc_pgd"), 0.0
@@ -664,8 +695,8 @@ class CARSO(Defense):
     differentiable, BPDA is only a baseline). ``surrogate`` is one decoded sample, so
     ``grad=surrogate`` keeps the decision's value and takes one sample's gradient. Both keep
     the *value* of the aggregated decision, so a cross-entropy on it, which saturates (see
-    :func:`lexsemble`: log-odds gaps of 1e3-1e4 are typical), gives them no gradient: attack
-    them with the margin loss. :meth:`attack_loss` offers a term that bypasses the saturating
+    :func:`lexsemble`: doubly exponential in the logits), gives them no gradient: attack them
+    with the margin loss. :meth:`attack_loss` offers a term that bypasses the saturating
     aggregator (``attack_term``, see there).
 
     Arguments:
@@ -702,23 +733,16 @@ class CARSO(Defense):
     ) -> None:
         super().__init__()
         if not isinstance(cvae, nn.Module):
-            raise ValueError(f"cvae={cvae!r} must be an nn.Module (CARSO's CVAE)")
+            raise ConfigError(f"cvae={cvae!r} must be an nn.Module (CARSO's CVAE)")
         if isinstance(samples, int) and not isinstance(samples, bool) and samples == 0:
-            raise ValueError(
+            raise ConfigError(
                 "samples=0 must be an integer >= 1; the authors' z = 0 variant "
                 "(ensemble_size 0) is CARSOZero (conf/defense/carso_z0.yaml)"
             )
-        check_int("samples", samples, 1)
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(
-                f"aggregation={aggregation!r} is unknown; allowed: {', '.join(AGGREGATIONS)}"
-            )
-        if attack_term not in ATTACK_TERMS:
-            raise ValueError(
-                f"attack_term={attack_term!r} is unknown; allowed: {', '.join(ATTACK_TERMS)}"
-            )
         self.cvae = cvae
-        self.samples, self.aggregation, self.attack_term = samples, aggregation, attack_term
+        self.samples = positive_int("samples", samples)
+        self.aggregation = choice("aggregation", aggregation, AGGREGATIONS)
+        self.attack_term = choice("attack_term", attack_term, ATTACK_TERMS)
         # A tuple keeps the classifier out of the module tree (not moved, counted or saved).
         self._bound: tuple[nn.Module, ...] = ()
 
@@ -746,7 +770,11 @@ class CARSO(Defense):
         return self._bound[0]
 
     def _latents(self, k: int, x: Tensor, generator: torch.Generator | None) -> Tensor:
-        """``(k, N, latent_dim)`` prior draws from ``generator`` (on its device, then moved)."""
+        """``(k, N, latent_dim)`` prior draws from ``generator`` (on its device, then moved).
+
+        With ``generator=None`` the draws are fresh, from torch's default generator of
+        ``x``'s device.
+        """
         where = generator.device if generator is not None else x.device
         z = torch.randn(
             k, len(x), self.cvae.latent_dim, generator=generator, device=where, dtype=x.dtype
@@ -771,29 +799,31 @@ class CARSO(Defense):
         """The aggregated scores ``(N, C)`` of the K decoded samples (argmax = the decision)."""
         return aggregate(self.sample_logits(classifier, x, generator=generator), self.aggregation)
 
-    def attack_loss(self, x: Tensor) -> Tensor | None:
+    def attack_loss(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor | None:
         """A per-image term ``(N,)`` that bypasses the aggregator, for defense-aware attacks.
 
         The labels are not passed to this hook, so the current decision ``y_hat`` (argmax of
         :meth:`predict`, without gradient) stands in for them; attacks only run on correctly
         classified images, where ``y_hat`` is the label until the image is fooled.
 
-        * ``ensemble_ce``: the mean over K fresh samples of ``CE(l_k, y_hat)``: the
-          reference's "mean over k of CE(l_k, y)", which does not saturate when the
-          doubly-exponential aggregate does.
+        * ``ensemble_ce``: the mean over K fresh samples of ``CE(l_k, y_hat)``, which does not
+          saturate when the doubly-exponential aggregate does (the adaptive attack of
+          docs/defenses/carso.md).
         * ``representation``: ``||c(x) - m_yhat||^2 - min_{j != y_hat} ||c(x) - m_j||^2`` with
           ``m_j`` the mean clean code of class ``j`` (stored at training): pushes the
           conditioning code, the decoder's only view of the input, towards the nearest other
           class. Costs one classifier pass (no decoding) beyond the decision.
         * ``none``: no term.
 
-        The latents come from torch's default generator (this hook takes none); the harness
-        seeds it per attack batch.
+        The latents come from ``generator`` only (the attack view's own stream): the same
+        generator state gives the same term, and torch's global RNG is never drawn from. With
+        ``generator=None`` they are fresh draws from torch's default generator, as in
+        :meth:`purify`.
         """
         if self.attack_term == "none":
             return None
         f = self.conditioner
-        z = self._latents(self.samples, x, None)
+        z = self._latents(self.samples, x, generator)
         if self.attack_term == "ensemble_ce":
             logits = _sample_logits(self.cvae, f, f, x, z)
             y_hat = aggregate(logits.detach(), self.aggregation).argmax(1)
@@ -844,7 +874,7 @@ class CARSOZero(CARSO):
         attack_term: str = "ensemble_ce",
     ) -> None:
         if samples != 1 or isinstance(samples, bool):
-            raise ValueError(
+            raise ConfigError(
                 f"samples={samples!r} must be 1: CARSOZero decodes once, at z = 0 (use CARSO "
                 "for K prior samples)"
             )

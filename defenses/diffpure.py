@@ -1,7 +1,7 @@
 """DiffPure: diffuse the input with Gaussian noise, then denoise it with the reverse VP-SDE.
 
 Nie, Guo, Huang, Xiao, Vahdat & Anandkumar, 'Diffusion Models for Adversarial Purification'
-(ICML 2022), https://arxiv.org/abs/2205.07460; reference code ``NVlabs/DiffPure``.
+(ICML 2022), https://arxiv.org/abs/2205.07460; the authors' code is ``NVlabs/DiffPure``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as checkpoint_step
 
-from defenses.base import Defense, DefenseInfo, check_int, check_real
+from common import seeds
+from common.checks import choice, flag, optional_positive_int, positive_int, real
+from common.errors import ConfigError
+from defenses.base import Defense, DefenseInfo
 from defenses.score import ScoreNet
 
 Method = Literal["sde", "ode"]
@@ -63,9 +66,9 @@ class DiffPure(Defense):
     linear in ``steps``, or flat with ``checkpoint=True`` for about one more forward per step);
     ``"adjoint"`` is ``torchsde.sdeint_adjoint`` (memory flat in ``steps``), whose backward pass
     re-solves the SDE in reverse with the same coarse Euler steps and therefore gives only
-    approximate gradients: the reference notes (section 5.5) recommend exact backprop for
-    evaluation. ``surrogate`` offers the same sampler with fewer steps for attacks only (Lee &
-    Kim, ICCV 2023).
+    approximate gradients, so an evaluation should use exact backprop
+    (docs/defenses/diffpure.md). ``surrogate`` offers the same sampler with fewer steps for
+    attacks only (Lee & Kim, ICCV 2023).
 
     Arguments:
         score (ScoreNet): the shared VP-SDE score model (works on [-1, 1] images).
@@ -121,30 +124,19 @@ class DiffPure(Defense):
         t_end: float = 1e-3,
     ) -> None:
         super().__init__()
-        check_real("t_star", t_star, "in (0, 1]", lambda v: 0 < v <= 1)
-        check_int("steps", steps, 1)
-        if method not in _METHODS:
-            raise ValueError(f"method={method!r} must be one of {_METHODS}")
-        if gradient not in _GRADIENTS:
-            raise ValueError(f"gradient={gradient!r} must be one of {_GRADIENTS}")
+        self.score = score
+        self.t_star = real("t_star", t_star, "in (0, 1]", lambda v: 0 < v <= 1)
+        self.steps = positive_int("steps", steps)
+        self.method = choice("method", method, _METHODS)
+        self.gradient = choice("gradient", gradient, _GRADIENTS)
         if gradient == "adjoint" and method != "sde":
-            raise ValueError(
+            raise ConfigError(
                 f"gradient={gradient!r} needs method='sde' (the stochastic adjoint of torchsde), "
                 f"got method={method!r}; use gradient='backprop' for the ODE"
             )
-        if not isinstance(checkpoint, bool):
-            raise ValueError(f"checkpoint={checkpoint!r} must be true or false")
-        if surrogate_steps is not None:
-            check_int("surrogate_steps", surrogate_steps, 1)
-        check_real("t_end", t_end, f"in [0, t_star={t_star})", lambda v: 0 <= v < t_star)
-        self.score = score
-        self.t_star = float(t_star)
-        self.steps = steps
-        self.method = method
-        self.gradient = gradient
-        self.checkpoint = checkpoint
-        self.surrogate_steps = surrogate_steps
-        self.t_end = float(t_end)
+        self.checkpoint = flag("checkpoint", checkpoint)
+        self.surrogate_steps = optional_positive_int("surrogate_steps", surrogate_steps)
+        self.t_end = real("t_end", t_end, f"in [0, t_star={t_star})", lambda v: 0 <= v < t_star)
 
     @property
     def calls_per_purify(self) -> int:
@@ -172,7 +164,7 @@ class DiffPure(Defense):
         if generator is None:
             # Fresh randomness without touching global seeding: one draw from the default
             # generator seeds a private one on the input's device.
-            seed = int(torch.randint(0, 2**62, ()))
+            seed = int(torch.randint(0, seeds.SEED_HIGH, ()))
             generator = torch.Generator(device=x.device).manual_seed(seed)
         sde = self.score.sde
         alpha_bar = float(sde.alpha_bar(self.t_star))
@@ -298,6 +290,8 @@ def _brownian(x: Tensor, generator: torch.Generator, span: float, dt: float) -> 
     """
     from torchsde import BrownianInterval  # imported here: only the SDE needs it
 
+    # The path's seed: the purification's second draw from its generator (after the forward
+    # noise), in the range of torchsde's own default entropy.
     entropy = int(torch.randint(0, 2**31 - 1, (), generator=generator, device=generator.device))
     return BrownianInterval(
         t0=0.0,

@@ -13,7 +13,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from defenses.base import Defense, DefenseInfo, check_int, check_real, inner_autograd
+from common.checks import flag, integer, optional_positive_int, positive_int, real
+from common.errors import ConfigError
+from defenses.base import Defense, DefenseInfo, inner_autograd
 from defenses.score import ScoreNet
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ class PurSAMERE(Defense):
 
     Only the abstract is public (no code, no body text), so the algorithm is a reconstruction
     from the abstract, ScoreOpt's ``x0`` objective (Zhang, Luo & Zhang, NeurIPS 2023) and SAM
-    (Foret et al., ICLR 2021); see the reference notes, section 1.3. With ``K`` noise tensors
+    (Foret et al., ICLR 2021); see docs/defenses/pursamere.md. With ``K`` noise tensors
     ``e_k`` drawn once from ``noise_seed`` and Tweedie's denoiser ``D`` of the shared score model,
 
         ERE(x) = (1/K) sum_k || D(x + sigma e_k, sigma) - x ||^2     (per image, in [-1, 1])
@@ -104,32 +106,21 @@ class PurSAMERE(Defense):
         surrogate_steps: int | None = None,
     ) -> None:
         super().__init__()
-        check_real("sigma", sigma, "> 0", lambda v: v > 0)
-        check_int("n_noise", n_noise, 1)
-        check_int("steps", steps, 1)
-        check_real("step_size", step_size, "> 0", lambda v: v > 0)
-        check_real("sam_rho", sam_rho, ">= 0 (0 switches SAM off)", lambda v: v >= 0)
-        check_real("radius", radius, "> 0", lambda v: v > 0)
-        check_int("noise_seed", noise_seed, 0)
-        if not isinstance(checkpoint, bool):
-            raise ValueError(f"checkpoint={checkpoint!r} must be true or false")
-        if surrogate_steps is not None:
-            check_int("surrogate_steps", surrogate_steps, 1)
-            if surrogate_steps > steps:
-                raise ValueError(
-                    f"surrogate_steps={surrogate_steps!r} must be at most steps={steps} (a "
-                    "surrogate is the cheaper purifier), or null for as many as purify"
-                )
         self.score = score
-        self.sigma = float(sigma)
-        self.n_noise = n_noise
-        self.steps = steps
-        self.step_size = float(step_size)
-        self.sam_rho = float(sam_rho)
-        self.radius = float(radius)
-        self.noise_seed = noise_seed
-        self.checkpoint = checkpoint
-        self.surrogate_steps = surrogate_steps
+        self.sigma = real("sigma", sigma, "> 0", lambda v: v > 0)
+        self.n_noise = positive_int("n_noise", n_noise)
+        self.steps = positive_int("steps", steps)
+        self.step_size = real("step_size", step_size, "> 0", lambda v: v > 0)
+        self.sam_rho = real("sam_rho", sam_rho, ">= 0 (0 switches SAM off)", lambda v: v >= 0)
+        self.radius = real("radius", radius, "> 0", lambda v: v > 0)
+        self.noise_seed = integer("noise_seed", noise_seed, minimum=0)
+        self.checkpoint = flag("checkpoint", checkpoint)
+        self.surrogate_steps = optional_positive_int("surrogate_steps", surrogate_steps)
+        if surrogate_steps is not None and surrogate_steps > steps:
+            raise ConfigError(
+                f"surrogate_steps={surrogate_steps!r} must be at most steps={steps} (a "
+                "surrogate is the cheaper purifier), or null for as many as purify"
+            )
         # The K noise tensors per (image shape, device, dtype). Derived from noise_seed, so not
         # state to save: a plain dict keeps them out of state_dict and out of .to().
         self._noise: dict[tuple[tuple[int, ...], torch.device, torch.dtype], Tensor] = {}
@@ -153,6 +144,7 @@ class PurSAMERE(Defense):
             # Never an inference tensor, even when first asked for under inference_mode: the
             # exact-gradient path saves it for backward.
             with torch.inference_mode(False):
+                # The seed of the fixed noise set (a constructor argument): part of the defense.
                 gen = torch.Generator().manual_seed(self.noise_seed)
                 cpu = torch.randn((self.n_noise, *shape), generator=gen)
                 self._noise[key] = cpu.to(device=x.device, dtype=x.dtype)
@@ -175,13 +167,14 @@ class PurSAMERE(Defense):
         denoised = self.score.denoise(noisy, s).view(k, n, *x.shape[1:])
         return (denoised - y).square().flatten(2).sum(2).mean(0)
 
-    def attack_loss(self, x: Tensor) -> Tensor:
+    def attack_loss(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """``-ERE(x)`` per image: the defense-aware attacker seeks points the purifier keeps.
 
         Maximising ``CE - weight * ERE`` (Croce et al., ICML 2022) drives the adversarial image
         towards a low-ERE point (near a mode of the score model) of the wrong class, which the
         descent then barely moves. ERE is a sum over pixels in [-1, 1] units, so it grows with
-        the image size: choose the attack's weight with that scale in mind.
+        the image size: choose the attack's weight with that scale in mind. Deterministic (the
+        noise set is fixed): ``generator`` is ignored.
         """
         return -self.ere(x)
 

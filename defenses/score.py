@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from common.errors import ConfigError
+
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
 
@@ -81,7 +83,7 @@ def small_unet(
 
     levels = len(block_out_channels)
     if image_size % 2 ** (levels - 1):
-        raise ValueError(
+        raise ConfigError(
             f"image_size={image_size} is not divisible by 2**{levels - 1}, as "
             f"block_out_channels={tuple(block_out_channels)} needs"
         )

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from bench.data import digits
 from bench.engine.attack_view import AttackView, ViewOptions
 from bench.models.parts import TrainedPart, prepare_parts
+from common.errors import ConfigError
 from defenses.amrm_pure import MAE, AMRMPure, finetune_ramrm, mae_vit, train_mae
 from defenses.base import PartContext
 from tests.conftest import TinyNet
@@ -107,11 +108,11 @@ def test_patchify_round_trips_and_masks_have_the_ratio(mae: MAE) -> None:
 
 
 def test_patch_size_must_divide_the_image_and_leave_masked_and_visible_patches() -> None:
-    with pytest.raises(ValueError, match="patch_size=3 must divide the image size 8x8"):
+    with pytest.raises(ConfigError, match="patch_size=3 must divide the image size 8x8"):
         MAE(1, (8, 8), patch_size=3, **SMALL)
     ctx = ctx_digits()
     assert mae_vit(ctx, patch_size=4).num_patches == 4
-    with pytest.raises(ValueError, match="mask_ratio=0.1 leaves 4 of 4 patches visible"):
+    with pytest.raises(ConfigError, match="mask_ratio=0.1 leaves 4 of 4 patches visible"):
         AMRMPure(tiny_mae(patch_size=4), mask_ratio=0.1).purify(images())
 
 
@@ -264,6 +265,7 @@ def test_attack_loss_is_minus_the_masked_reconstruction_loss(mae: MAE) -> None:
     term = defense.attack_loss(xg)
     assert term.shape == (len(x),) and (term < 0).all()
     assert torch.equal(term.detach(), defense.attack_loss(x)), "a fixed set of masks"
+    assert torch.equal(defense.attack_loss(x, generator=gen(9)), defense.attack_loss(x))
     noise = torch.rand(3, len(x), 16, generator=gen(defense.attack_seed))
     expected = -torch.stack([mae.loss(x, noise[k], 0.25) for k in range(3)]).mean(0)
     torch.testing.assert_close(term.detach(), expected)
@@ -328,7 +330,7 @@ def test_finetune_ramrm_runs_against_the_classifier(trained: MAE) -> None:
     assert set(metrics["recon_acc_after"]) == {"clean", "adv"}
     assert any(not torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert not any(p.requires_grad for p in classifier.parameters()), "the classifier is frozen"
-    with pytest.raises(ValueError, match="needs the protected classifier"):
+    with pytest.raises(ConfigError, match="needs the protected classifier"):
         finetune_ramrm(net, ctx_digits(), steps=1)
 
 
@@ -355,7 +357,7 @@ def test_finetune_ramrm_runs_against_the_classifier(trained: MAE) -> None:
     ],
 )
 def test_bad_arguments_are_refused(mae: MAE, kwargs: dict, bad: str) -> None:
-    with pytest.raises(ValueError, match=bad) as info:
+    with pytest.raises(ConfigError, match=bad) as info:
         AMRMPure(mae, **kwargs)
     assert "must be" in str(info.value)
 
@@ -363,14 +365,14 @@ def test_bad_arguments_are_refused(mae: MAE, kwargs: dict, bad: str) -> None:
 def test_bad_training_arguments_are_refused() -> None:
     ctx = ctx_digits()
     net = mae_vit(ctx, patch_size=2, **SMALL)
-    with pytest.raises(ValueError, match="final_lr=0.1"):
+    with pytest.raises(ConfigError, match="final_lr=0.1"):
         train_mae(net, ctx, steps=1, lr=1e-3, final_lr=0.1)
-    with pytest.raises(ValueError, match="mask_ratio=0.99"):
+    with pytest.raises(ConfigError, match="mask_ratio=0.99"):
         train_mae(net, ctx, steps=1, mask_ratio=0.99)
     # The spread's extremes must leave masked and visible patches too (16 patches here).
-    with pytest.raises(ValueError, match="mask_ratio=0.0 leaves 16 of 16"):
+    with pytest.raises(ConfigError, match="mask_ratio=0.0 leaves 16 of 16"):
         train_mae(net, ctx, steps=1, mask_ratio=0.5, mask_ratio_spread=0.5)
-    with pytest.raises(ValueError, match="mask_ratio_spread=-0.1"):
+    with pytest.raises(ConfigError, match="mask_ratio_spread=-0.1"):
         train_mae(net, ctx, steps=1, mask_ratio_spread=-0.1)
 
 

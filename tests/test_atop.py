@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 
 from bench.models.parts import prepare_parts
+from common.errors import ConfigError
 from defenses.atop import AToP, Inpainter, RandomTransform, _fgsm, finetune, inpaint, pretrain
 from defenses.base import PartContext
 from tests.test_defense_contract import check_contract, tiny_classifier
@@ -200,27 +201,27 @@ def test_calls_per_purify_counts_the_inpainter_passes() -> None:
     ],
 )
 def test_bad_transform_arguments_name_the_value(kwargs: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         RandomTransform(**kwargs)
 
 
 def test_bad_defense_and_training_arguments_name_the_value() -> None:
-    with pytest.raises(ValueError, match="grid=8 needs images of at least 8x8"):
+    with pytest.raises(ConfigError, match="grid=8 needs images of at least 8x8"):
         AToP(net(), RandomTransform(grid=8)).purify(images(1, 4))
-    with pytest.raises(ValueError, match="purifier='unet'"):
+    with pytest.raises(ConfigError, match="purifier='unet'"):
         AToP("unet")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="rt=0.25"):
+    with pytest.raises(ConfigError, match="rt=0.25"):
         AToP(net(), 0.25)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="width=0"):
+    with pytest.raises(ConfigError, match="width=0"):
         Inpainter(1, width=0)
     ctx = _ctx()
-    with pytest.raises(ValueError, match="steps=0"):
+    with pytest.raises(ConfigError, match="steps=0"):
         pretrain(Inpainter(1, width=4), ctx, rt=RandomTransform(), steps=0)
-    with pytest.raises(ValueError, match="protected classifier"):
+    with pytest.raises(ConfigError, match="protected classifier"):
         finetune(Inpainter(1, width=4), ctx, rt=RandomTransform(), eps=0.1, steps=1)
-    with pytest.raises(ValueError, match="lam=-1"):
+    with pytest.raises(ConfigError, match="lam=-1"):
         finetune(Inpainter(1, width=4), ctx, rt=RandomTransform(), eps=0.1, steps=1, lam=-1)
-    with pytest.raises(ValueError, match="clean_fraction=1.5"):
+    with pytest.raises(ConfigError, match="clean_fraction=1.5"):
         finetune(
             Inpainter(1, width=4), ctx, rt=RandomTransform(), eps=0.1, steps=1, clean_fraction=1.5
         )

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from bench.engine.attack_view import AttackView, ViewOptions
 from bench.models.architectures import SmallCNN, WideResNet
 from bench.models.parts import TrainedPart, prepare_parts
+from common.errors import ConfigError
 from defenses.base import PartContext
 from defenses.carso import (
     AGGREGATIONS,
@@ -138,7 +139,7 @@ def test_probe_reads_the_selected_modules_of_any_classifier() -> None:
     assert by_name.activation_shapes == [(128,)]
     x = images(3, 28)
     assert cvae.decode(torch.zeros(3, 16), cvae.eval().code(net, x)).shape == x.shape
-    # ~0.4 M parameters at 28x28, as the reference's small variant.
+    # ~0.4 M parameters at 28x28: the small variant of docs/defenses/carso.md.
     assert 0.3e6 < sum(p.numel() for p in cvae.parameters()) < 0.6e6
 
 
@@ -173,11 +174,11 @@ def test_activations_of_another_classifier_are_refused(cvae: CVAE) -> None:
 
 
 def test_module_selection_errors_are_clear(classifier: nn.Module) -> None:
-    with pytest.raises(ValueError, match="no module of the classifier matches"):
+    with pytest.raises(ConfigError, match="no module of the classifier matches"):
         select_modules(classifier, ["GELU"], [])
-    with pytest.raises(ValueError, match=r"layers=\['head'\] are not modules"):
+    with pytest.raises(ConfigError, match=r"layers=\['head'\] are not modules"):
         select_modules(classifier, ["ReLU"], ["head"])
-    with pytest.raises(ValueError, match="uses_classifier: true"):
+    with pytest.raises(ConfigError, match="uses_classifier: true"):
         arch(ctx_for(None))
 
 
@@ -256,23 +257,38 @@ def test_unbound_defense_says_what_to_do(cvae: CVAE) -> None:
 def test_attack_loss_bypasses_the_aggregator(cvae: CVAE, classifier: nn.Module) -> None:
     x = images(4)
     defense = carso(cvae, classifier)
-    torch.manual_seed(0)
-    term = defense.attack_loss(x.clone().requires_grad_(True))
+    term = defense.attack_loss(x.clone().requires_grad_(True), generator=gen(0))
     assert term.shape == (4,) and torch.isfinite(term).all()
-    # The mean over K samples of CE to the current decision, from the default generator.
-    torch.manual_seed(0)
-    z = torch.randn(8, 4, cvae.latent_dim)
+    # The mean over K samples of CE to the current decision, latents from the generator.
+    z = torch.randn(8, 4, cvae.latent_dim, generator=gen(0))
     logits = cvae.decode(z.view(32, -1), cvae.code(classifier, x).repeat(8, 1))
     logits = classifier(logits).view(8, 4, 10)
     y_hat = lexsemble(logits).argmax(1)
     expected = F.cross_entropy(logits.reshape(32, 10), y_hat.repeat(8), reduction="none")
     torch.testing.assert_close(term.detach(), expected.view(8, 4).mean(0))
     xg = x.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(defense.attack_loss(xg).sum(), xg)
+    (g,) = torch.autograd.grad(defense.attack_loss(xg, generator=gen(1)).sum(), xg)
     assert torch.isfinite(g).all() and (g != 0).any()
-    rep = carso(cvae, classifier, attack_term="representation").attack_loss(xg)
+    rep = carso(cvae, classifier, attack_term="representation").attack_loss(xg, generator=gen(1))
     assert rep.shape == (4,) and rep.requires_grad
-    assert carso(cvae, classifier, attack_term="none").attack_loss(x) is None
+    assert carso(cvae, classifier, attack_term="none").attack_loss(x, generator=gen()) is None
+
+
+@pytest.mark.parametrize("attack_term", ["ensemble_ce", "representation"])
+def test_attack_loss_draws_only_from_its_generator(
+    cvae: CVAE, classifier: nn.Module, attack_term: str
+) -> None:
+    defense, x = carso(cvae, classifier, attack_term=attack_term), images(4)
+    state = torch.get_rng_state()
+    term = defense.attack_loss(x.clone().requires_grad_(True), generator=gen(5))
+    assert torch.equal(torch.get_rng_state(), state), "torch's global RNG is untouched"
+    torch.manual_seed(123)  # the global RNG plays no part
+    again = defense.attack_loss(x.clone().requires_grad_(True), generator=gen(5))
+    assert torch.equal(again, term), "the same generator seed gives the same term"
+    with torch.inference_mode():
+        assert torch.equal(defense.attack_loss(x, generator=gen(5)), term.detach())
+    if attack_term == "ensemble_ce":  # the latents enter the term itself, not only y_hat
+        assert not torch.equal(defense.attack_loss(x, generator=gen(6)), term.detach())
 
 
 # -- 4. bad arguments ---------------------------------------------------------------------------
@@ -289,31 +305,31 @@ def test_attack_loss_bypasses_the_aggregator(cvae: CVAE, classifier: nn.Module) 
     ],
 )
 def test_bad_defense_arguments_name_the_value(cvae: CVAE, kwargs: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         CARSO(cvae, **kwargs)
 
 
 def test_other_bad_arguments_name_the_value(cvae: CVAE, classifier: nn.Module) -> None:
-    with pytest.raises(ValueError, match="cvae='vae'"):
+    with pytest.raises(ConfigError, match="cvae='vae'"):
         CARSO("vae")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="samples=2 must be 1"):
+    with pytest.raises(ConfigError, match="samples=2 must be 1"):
         CARSOZero(cvae, samples=2)
     with pytest.raises(ValueError, match=r"logits of shape \(4, 10\)"):
         lexsemble(torch.zeros(4, 10))
-    with pytest.raises(ValueError, match="aggregation='sum'"):
+    with pytest.raises(ConfigError, match="aggregation='sum'"):
         aggregate(torch.zeros(2, 4, 10), "sum")
     ctx = ctx_for(classifier)
-    with pytest.raises(ValueError, match="compressor_stride=3"):
+    with pytest.raises(ConfigError, match="compressor_stride=3"):
         arch(ctx, compressor_stride=3)
-    with pytest.raises(ValueError, match="decoder_channels"):
+    with pytest.raises(ConfigError, match="decoder_channels"):
         arch(ctx, decoder_channels=[])
-    with pytest.raises(ValueError, match="steps=0"):
+    with pytest.raises(ConfigError, match="steps=0"):
         train(arch(ctx), ctx, steps=0, eps=0.1)
-    with pytest.raises(ValueError, match="eps=0"):
+    with pytest.raises(ConfigError, match="eps=0"):
         train(arch(ctx), ctx, steps=1, eps=0)
-    with pytest.raises(ValueError, match="adv_attacks"):
+    with pytest.raises(ConfigError, match="adv_attacks"):
         train(arch(ctx), ctx, steps=1, eps=0.1, adv_attacks=["cw"])
-    with pytest.raises(ValueError, match="protected classifier"):
+    with pytest.raises(ConfigError, match="protected classifier"):
         train(arch(ctx), ctx_for(None), steps=1, eps=0.1)
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from attacks.pgd_eot import PGDEOT
 from bench.data import digits
+from common.errors import ConfigError
 from tests.conftest import TinyNet
 
 EPS = {"Linf": 0.05, "L2": 0.5}
@@ -40,8 +41,10 @@ def fooled(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 @pytest.fixture(scope="module")
 def digits_mlp() -> tuple[nn.Module, Tensor, Tensor]:
-    """A small ReLU network trained briefly on scikit-learn's digits (~97% clean), and 200 test
-    images. Nonlinear, so that PGD's iterates can overshoot."""
+    """A small ReLU network trained briefly on scikit-learn's digits, and 200 test images.
+
+    Nonlinear, so that PGD's iterates can overshoot.
+    """
     data = digits()
     x_train, y_train = data.train()
     torch.manual_seed(0)
@@ -396,13 +399,13 @@ def test_seed_reproducible(tiny_model, batch, norm: str) -> None:
 )
 def test_bad_arguments_raise(tiny_model, kwargs: dict, shown: str) -> None:
     args = {"norm": "Linf", "eps": 0.1} | kwargs
-    with pytest.raises(ValueError, match=re.escape(shown)):
+    with pytest.raises(ConfigError, match=re.escape(shown)):
         PGDEOT(tiny_model, **args)
 
 
 def test_dlr_needs_three_classes() -> None:
     x, y = torch.full((2, 1, 1, 1), 0.5), torch.zeros(2, dtype=torch.long)
-    with pytest.raises(ValueError, match="3 classes"):
+    with pytest.raises(ConfigError, match="3 classes"):
         PGDEOT(Cliff(), norm="Linf", eps=0.1, steps=1, loss="dlr")(x, y)
 
 
@@ -458,5 +461,27 @@ def test_auto_early_stop_keeps_attacking_points_of_a_stochastic_view() -> None:
     # Re-checked on many purifications, a success is trusted and the point can stop.
     assert PGDEOT(model, norm="Linf", eps=0.1, check_reps=8).freezes_fooled_points
     assert PGDEOT(model, norm="Linf", eps=0.1, early_stop=True).freezes_fooled_points
-    with pytest.raises(ValueError, match="early_stop='sometimes'"):
+    with pytest.raises(ConfigError, match="early_stop='sometimes'"):
         PGDEOT(model, norm="Linf", eps=0.1, early_stop="sometimes")
+
+
+# -- 10. declared traits ------------------------------------------------------------------------
+
+
+def test_attacks_declare_what_they_return(tiny_model) -> None:
+    from attacks.autoattack import AutoAttack
+    from attacks.base import Traits, traits
+    from attacks.fgsm_rs import FGSMRS
+    from attacks.pgd import PGD
+
+    # The harness's PGD and AutoAttack keep the best iterate; torchattacks returns the last.
+    assert traits(PGDEOT(tiny_model, norm="Linf", eps=0.1)) == Traits("white-box", True, 1)
+    assert traits(PGD(tiny_model, norm="Linf", eps=0.1)) == Traits("white-box", False, 1)
+    assert traits(FGSMRS(tiny_model, norm="Linf", eps=0.1)) == Traits("white-box", False, 1)
+    rand = AutoAttack(tiny_model, norm="Linf", eps=0.1, version="rand")
+    assert traits(rand) == Traits("white-box", True, 20)
+    square = AutoAttack(tiny_model, norm="Linf", eps=0.1, version="custom", attacks=["square"])
+    assert traits(square) == Traits("black-box", True, 1)
+    for cls in (PGDEOT, PGD, FGSMRS, AutoAttack):
+        assert "returns_best" in vars(cls), f"{cls.__name__} declares returns_best itself"
+        assert "kind" in vars(cls), f"{cls.__name__} declares kind itself"

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from common.errors import ConfigError
 from defenses.pursamere import PurSAMERE
 from defenses.score import ScoreNet, small_unet
 from tests.test_defense_contract import check_contract
@@ -218,6 +219,10 @@ def test_attack_loss_is_minus_ere_and_differentiable(score: ScoreNet) -> None:
     assert term.shape == (len(x),)
     torch.testing.assert_close(term, -defense.ere(x))
     assert (term < 0).all()
+    # Deterministic: the generator the attack view hands over is ignored.
+    assert torch.equal(
+        defense.attack_loss(x, generator=torch.Generator().manual_seed(3)), -defense.ere(x)
+    )
     (grad,) = torch.autograd.grad(term.sum(), xg)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
@@ -286,7 +291,7 @@ def test_approx_is_the_identity(score: ScoreNet) -> None:
     ],
 )
 def test_bad_arguments_are_refused(score: ScoreNet, kwargs: dict, bad: str) -> None:
-    with pytest.raises(ValueError, match=bad.replace("(", r"\(")) as info:
+    with pytest.raises(ConfigError, match=bad.replace("(", r"\(")) as info:
         PurSAMERE(score, **kwargs)
     assert "must be" in str(info.value)
 
