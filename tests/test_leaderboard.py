@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 
 from bench.cli import main as cli_main
+from bench.reporting import columns
+from bench.reporting.columns import Column
 from bench.reporting.leaderboard import (
     FAILED_MARK,
     ShardConflictError,
@@ -22,6 +24,19 @@ from bench.reporting.metrics import Accuracy
 from bench.reporting.records import AttackResult, RunRecord, read_record, write_record
 
 EXACT_VIEW = {"grad": "exact", "eot_samples": 1, "randomness": "fresh"}
+
+
+def _attack(
+    robust: Accuracy, n_attacked: int, wall_s: float, max_perturbation: float, view: dict[str, Any]
+) -> AttackResult:
+    return AttackResult(
+        target="t",
+        robust_acc=robust,
+        n_attacked=n_attacked,
+        wall_s=wall_s,
+        max_perturbation=max_perturbation,
+        view=view,
+    )
 
 
 def make_record(
@@ -63,7 +78,7 @@ def make_record(
         clean_acc=Accuracy.from_counts(clean, n) if status == "completed" else None,
         robust_acc=Accuracy.from_counts(robust, n) if robust is not None else None,
         attacks={
-            k: AttackResult("t", Accuracy.from_counts(v, n), n, 0.1, eps, view=view or {})
+            k: _attack(Accuracy.from_counts(v, n), n, 0.1, eps, view or {})
             for k, v in attacks.items()
         },
         error=None if status == "completed" else "RuntimeError: boom",
@@ -188,9 +203,7 @@ def _flags_record(
     r.clean_acc = Accuracy.from_counts(sum(clean), n)
     r.robust_acc = Accuracy.from_counts(sum(robust), n)
     r.attacks = {
-        "pgd": AttackResult(
-            "t", Accuracy.from_counts(sum(robust), n), sum(clean), 1.0, 0.1, view=EXACT_VIEW
-        )
+        "pgd": _attack(Accuracy.from_counts(sum(robust), n), sum(clean), 1.0, 0.1, EXACT_VIEW)
     }
     r.rules = {
         "single": {"clean": r.clean_acc, "robust": r.robust_acc},
@@ -352,3 +365,53 @@ def test_empty_leaderboard_says_how_to_fill_it(tmp_path: Path) -> None:
     assert "make bench" in to_markdown(build_leaderboard([]))
     out = write_leaderboard(tmp_path / "none", tmp_path / "out")
     assert out.figures == {} and "make bench" in out.html.read_text()
+
+
+# -- the column table ----------------------------------------------------------------------------
+
+
+def test_a_new_column_spec_shows_formatted_in_every_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    added = [
+        Column("wall ms", lambda e: 1000 * e.record.wall_s, fmt=".1f", csv_fmt=".3f"),
+        Column(
+            "eps/",
+            lambda e: {a: res.max_perturbation for a, res in e.record.attacks.items()},
+            fmt=".4f",
+            markdown=False,
+            per_attack=True,
+        ),
+        Column("_secret", lambda e: "hidden value", private=True),
+    ]
+    monkeypatch.setattr(columns, "COLUMNS", [*columns.COLUMNS, *added])
+    write_record(
+        make_record(wall_s=1.23456, eps=0.25, attacks={"pgd": 10}), tmp_path / "runs" / "0"
+    )
+    out = write_leaderboard(tmp_path / "runs", tmp_path / "out")
+    assert list(out.table.columns)[-2:] == ["wall ms", "eps/pgd"]
+
+    md = out.md.read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| dataset"))
+    assert header.split("|")[-2].strip() == "wall ms" and "eps/pgd" not in md
+    assert "1234.6 |" in md
+    csv = out.csv.read_text().splitlines()
+    assert csv[0].endswith(",finished,wall ms,eps/pgd")
+    assert csv[1].endswith(",1234.560,0.25")  # csv_fmt, or the value as computed without one
+    page = out.html.read_text()
+    assert "<th>wall ms</th><th>eps/pgd</th></tr>" in page
+    assert '<td class="num">1234.6</td><td class="num">0.2500</td></tr>' in page
+    assert "hidden value" not in md + out.csv.read_text() + page
+
+
+def test_every_public_column_comes_from_the_table() -> None:
+    records = [make_record(attacks={"pgd": 20, "apgd": 10}), make_record(classifier="b")]
+    table = build_leaderboard(records)
+    specs = [columns.column(c) for c in table.columns]
+    assert all(not spec.private for spec in specs)
+    assert [s.name for s in specs if not s.per_attack] == [
+        c.name for c in columns.COLUMNS if not c.private and not c.per_attack
+    ]
+    assert columns.column("calls/img").name == "calls/img"
+    assert columns.column("calls/pgd").name == "calls/" and columns.column("calls/pgd").per_attack
+    assert list(table.columns).index("robust/apgd") + 1 == list(table.columns).index("robust/pgd")
