@@ -1,6 +1,23 @@
-"""Choosing the device a run uses."""
+"""Choosing the device a run uses, and reading how much memory work on it takes.
+
+Two readings, for two questions:
+
+* :func:`reset_peak_memory` / :func:`peak_memory_mb`: the high-water mark of a whole phase of a
+  run (CUDA allocator peak, or this process's resident set on CPU), what a machine must hold;
+* :func:`allocation_peak_mb`: the most tensor memory one call holds at once beyond what was
+  allocated before it (the gradient-memory probe of ``bench.tools.fidelity``). A resident set
+  cannot answer this: even after a reset of its high-water mark it follows what glibc's malloc
+  keeps mapped, not what the call allocates, so readings of the same gradient in fresh
+  processes differed several-fold.
+"""
 
 from __future__ import annotations
+
+import gc
+import os
+import resource
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -41,3 +58,81 @@ def proc_status_mb(key: str) -> float:
             if line.startswith(f"{key}:"):
                 return int(line.split()[1]) / 1024  # kB
     raise OSError(f"{key} not in /proc/self/status")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new high-water mark on ``device`` (a sweep's worker process runs many jobs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The high-water mark (MiB) since :func:`reset_peak_memory`.
+
+    CUDA: the allocator's peak of allocated bytes. CPU: the resident set's high-water mark
+    (``VmHWM``); where ``/proc`` is missing, ``ru_maxrss`` over the process's lifetime.
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        return proc_status_mb("VmHWM")
+    except OSError:  # not Linux: ru_maxrss (KiB on Linux, bytes on macOS), the process's lifetime
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def allocation_peak_mb(fn: Callable[[], Any], device: torch.device) -> float:
+    """Run ``fn()``; the most MiB of tensors it held at once beyond those allocated before it.
+
+    CUDA: the caching allocator's peak of allocated bytes above the bytes allocated at the
+    start. CPU: torch's CPU allocator reports every allocation and free to the profiler when
+    memory profiling is on; the running sum of those events, in order, is the memory the call
+    allocated and still held at each moment, and its maximum is the peak. Both count tensor
+    bytes only, so the reading depends on the computation, not on the malloc underneath or on
+    the process's history: the same call reads the same in any process.
+
+    Garbage is collected first. Tensors in reference cycles (a checkpointed step's closures)
+    are freed when Python's cycle collector runs, which depends on how many objects were
+    allocated since its last run; after a collection that moment is the same on every call, so
+    the same call reads the same.
+
+    Raises:
+        ConfigError: ``device`` is neither CPU nor CUDA (no allocator to read).
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        reset_peak_memory(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return peak_memory_mb(device) - base / 2**20
+    if device.type != "cpu":
+        raise ConfigError(f"device={device} has no allocator peak to read; use cpu or cuda")
+    return _cpu_allocation_peak(fn) / 2**20
+
+
+def _cpu_allocation_peak(fn: Callable[[], Any]) -> int:
+    """Bytes: the peak of the running sum of the CPU allocator's events during ``fn()``."""
+    # Kineto prints a start and a stop banner on stderr for every profiled region; level 6 is
+    # above its most severe message, so a user's own KINETO_LOG_LEVEL still wins.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    with torch.autograd.profiler.profile(profile_memory=True) as prof:
+        fn()
+    events = [
+        e
+        for e in prof.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    events.sort(key=lambda e: e.start_ns())  # the running sum needs time order across threads
+    return _running_peak(e.nbytes() for e in events)
+
+
+def _running_peak(deltas: Iterable[int]) -> int:
+    """The maximum of the running sum of ``deltas`` (0 if it never rises above the start)."""
+    live = peak = 0
+    for delta in deltas:
+        live += delta
+        peak = max(peak, live)
+    return peak
