@@ -1,4 +1,4 @@
-"""PureBench: the harness (runner, data, classifiers, training, records, leaderboard).
+"""PureBench: the harness (the engine, everything trained and cached, the reporting, the tools).
 
 The public API is imported lazily so that light commands (the leaderboard) do not pay for torch
 and the attack libraries.

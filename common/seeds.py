@@ -44,6 +44,11 @@ def diagnostics(seed: int) -> int:
     return seed * 7919 + 17
 
 
+def defense_loss(seed: int) -> int:
+    """The randomness of a defense's attack-loss term (CARSO's latents), per attack view."""
+    return (seed * 1_000_003 + 500_009) % SEED_HIGH
+
+
 def perf_judge(seed: int) -> int:
     """The purifications ``make perf`` judges compared attacks with (the same for all)."""
     return seed + 12345

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from bench.data import digits
 from bench.engine.attack_view import AttackView, ViewOptions
+from bench.engine.plan import declared_view
 from bench.models.parts import TrainedPart, prepare_parts
 from common.errors import ConfigError
 from defenses.amrm_pure import MAE, AMRMPure, finetune_ramrm, mae_vit, train_mae
@@ -417,7 +418,7 @@ def test_compare_suite_sets_the_views(compose_cfg) -> None:
     cfg = compose_cfg(["defense=amrm_pure", "suite=compare_amrm"])
     suite = OmegaConf.to_container(cfg.suite, resolve=True)
     assert suite["cascade"] is False
-    grads = {name: suite["views"].get(name, {}).get("grad", "exact") for name in suite["attacks"]}
+    grads = {name: declared_view(cfg, name)["grad"] for name in suite["attacks"]}
     assert grads["pgd"] == "exact" and grads["bpda_eot"] == "bpda"
     assert grads["surrogate"] == "surrogate" and grads["transfer"] == "transfer"
     assert suite["attacks"]["defense_aware"]["defense_loss_weight"] > 0

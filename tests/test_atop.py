@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
+from bench.engine.plan import declared_view
 from bench.models.parts import prepare_parts
 from common.errors import ConfigError
 from defenses.atop import AToP, Inpainter, RandomTransform, _fgsm, finetune, inpaint, pretrain
@@ -364,7 +365,9 @@ def test_variants_and_suite_compose(compose_cfg) -> None:
     assert rt3.purifier.spec(data, info) == rt2.purifier.spec(data, info)
     plain = compose_cfg(["defense=atop_pretrained", "dataset=digits"]).defense
     assert plain.purifier.train is None and plain.purifier.init.train.steps > 0
-    suite = compose_cfg(["suite=compare_atop"]).suite
+    suite_cfg = compose_cfg(["suite=compare_atop"])
+    suite = suite_cfg.suite
     assert suite.cascade is False
     assert {"autoattack_rand", "pgd_eot", "bpda_eot", "transfer"} <= set(suite.attacks)
-    assert suite.views.pgd_eot.grad == "exact" and suite.views.bpda_eot.grad == "bpda"
+    views = {name: declared_view(suite_cfg, name) for name in suite.attacks}
+    assert views["pgd_eot"]["grad"] == "exact" and views["bpda_eot"]["grad"] == "bpda"

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 
 from bench.engine.attack_view import AttackView, ViewOptions
+from bench.engine.plan import declared_view
 from bench.models.architectures import SmallCNN, WideResNet
 from bench.models.parts import TrainedPart, prepare_parts
 from common.errors import ConfigError
@@ -453,7 +454,9 @@ def test_paper_experiment_composes(compose_cfg) -> None:
 
 
 def test_compare_suite_composes(compose_cfg) -> None:
-    suite = compose_cfg(["suite=compare_carso"]).suite
+    cfg = compose_cfg(["suite=compare_carso"])
+    suite = cfg.suite
+    views = {name: declared_view(cfg, name) for name in suite.attacks}
     assert suite.cascade is False
     assert set(suite.attacks) == {
         "autoattack_rand",
@@ -463,6 +466,6 @@ def test_compare_suite_composes(compose_cfg) -> None:
         "pgd_known",
         "transfer",
     }
-    assert suite.views.pgd_eot.grad == "exact" and suite.views.bpda_eot.grad == "bpda"
+    assert views["pgd_eot"]["grad"] == "exact" and views["bpda_eot"]["grad"] == "bpda"
     assert suite.attacks.pgd_bypass.defense_loss_weight > 0
-    assert suite.views.transfer.grad == "transfer" and suite.views.pgd_known.randomness == "known"
+    assert views["transfer"]["grad"] == "transfer" and views["pgd_known"]["randomness"] == "known"

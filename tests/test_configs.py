@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from bench.engine.plan import attack_partial
+from bench.engine.threat import check_threat
 from bench.models.training import Recipe
-from bench.run import check_threat
 from defenses.base import Defense, DefenseInfo
 from tests.conftest import CONF_DIR
 
@@ -149,7 +151,7 @@ def test_suite_configs(compose_cfg, name: str, tiny_model, batch) -> None:
     assert cfg.suite.attacks or cfg.suite.get("clean_only"), f"suite {name} has no attacks"
     for attack_cfg in cfg.suite.attacks.values():
         assert attack_cfg.eps == cfg.threat.eps and attack_cfg.norm == cfg.threat.norm
-        instantiate(attack_cfg)(model=tiny_model)
+        attack_partial(attack_cfg, "attack")(model=tiny_model)
 
 
 @pytest.mark.parametrize("threat", ["linf", "l2"])
@@ -165,7 +167,7 @@ def test_attack_configs_respect_the_threat(compose_cfg, name, threat, tiny_model
         fast["steps"] = 5
     if node.get("n_iter") is not None:
         fast["n_iter"] = 5
-    make = instantiate(node, **fast)
+    make = functools.partial(attack_partial(node, name), **fast)
     if threat == "l2" and name == "fgsm_rs":
         with pytest.raises(ValueError, match="norm='L2'"):
             make(model=tiny_model)

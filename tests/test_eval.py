@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from bench.data import eval_subset
-from bench.run import check_threat, evaluate
+from bench.engine.threat import check_threat
+from bench.run import evaluate
 from common.errors import ConfigError, DataNotFoundError, ThreatModelViolation
 from tests.conftest import fast_overrides
 
@@ -29,7 +30,7 @@ def test_end_to_end_on_digits(compose_cfg, cache_dir: Path, tmp_path: Path) -> N
     assert saved["indices"] == eval_subset(record_n_test(), 64, 0).tolist()
     assert saved["versions"]["torchattacks"] == "3.5.1"
     assert saved["versions"]["pyautoattack"] == "0.2.0"
-    assert set(saved["git"]) == {"sha", "dirty"}
+    assert set(saved["git"]) == {"sha", "dirty", "source"}
     assert saved["classifier_info"]["kind"] == "trained"
     assert saved["classifier_info"]["training"]["test_clean_acc"] > 0.8
 
@@ -164,12 +165,12 @@ def test_check_threat(norm: str) -> None:
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_peak_memory_restarts_for_each_job_of_a_worker_process() -> None:
     # A sweep's worker runs many jobs: each must report its own peak, not the largest so far.
-    from bench.run import _peak_memory_mb, _reset_peak_memory
+    from bench.devices import peak_memory_mb, reset_peak_memory
 
     cpu = torch.device("cpu")
-    _reset_peak_memory(cpu)
+    reset_peak_memory(cpu)
     big = torch.ones(64 * 2**20)  # 256 MiB, touched
     del big
-    high = _peak_memory_mb(cpu)
-    _reset_peak_memory(cpu)
-    assert _peak_memory_mb(cpu) < high - 200
+    high = peak_memory_mb(cpu)
+    reset_peak_memory(cpu)
+    assert peak_memory_mb(cpu) < high - 200

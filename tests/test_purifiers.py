@@ -28,7 +28,7 @@ def test_vpsde_inverts_its_schedule() -> None:
     # Noise-to-signal sigma at t: alpha_bar = 1 / (1 + sigma^2).
     sigma = torch.tensor(0.5)
     assert float(sde.alpha_bar(sde.t_of_sigma(sigma))) == pytest.approx(1 / 1.25)
-    # DiffPure's t* = 0.1 keeps about 90% of the signal variance (reference: alpha_bar ~ 0.896).
+    # DiffPure's t* = 0.1 keeps about 90% of the signal variance (alpha_bar(0.1) ~ 0.896).
     assert float(sde.alpha_bar(0.1)) == pytest.approx(0.8958, abs=1e-3)
 
 

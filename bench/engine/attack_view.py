@@ -16,8 +16,10 @@ average the loss. Randomness is either fresh per call (the default white-box att
 not know the test-time seed) or ``known``: a fixed set of seeds the attacker receives and the
 evaluation reuses (the deterministic white-box setting of Liu et al., ICLR 2025).
 
-The view also counts passes, checks every purified image, logit and input gradient for NaN or
-inf, and names the defense and the stage when one appears.
+The view also counts passes and checks what every component returns: purified images must
+keep the input's shape and dtype, be finite and lie in [0, 1]; logits must be finite and of
+shape ``(N, classes)``; input gradients finite. A violation names the component at fault (the
+defense, or the classifier when finite images gave bad logits), the rule and the stage.
 """
 
 from __future__ import annotations
@@ -29,14 +31,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from common.errors import ConfigError, NonFiniteError
+from common import seeds
+from common.checks import flag, optional_positive_int
+from common.errors import ConfigError, ContractViolation, NonFiniteError
 from defenses.base import Defense, has_own_predict
 
 GRAD_MODES = ("exact", "bpda", "surrogate", "transfer")
 EOT_REDUCTIONS = ("logits", "loss")
 RANDOMNESS = ("fresh", "known")
 PRECISIONS = ("fp32", "bf16")
-_SEED_HIGH = 2**62
 
 
 @dataclass(frozen=True)
@@ -88,10 +91,9 @@ class ViewOptions:
             if value not in allowed:
                 raise ConfigError(f"view {name}={value!r} is not allowed; allowed: {allowed}")
         for name, value in (("eot_samples", self.eot_samples), ("chunk", self.chunk)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ConfigError(f"view {name}={value!r} must be a positive integer or null")
-            if value is not None and value < 1:
-                raise ConfigError(f"view {name}={value!r} must be a positive integer or null")
+            optional_positive_int(f"view {name}", value)
+        for name in ("checkpoint", "allow_masked", "channels_last", "compile"):
+            flag(f"view {name}", getattr(self, name))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the run record."""
@@ -148,8 +150,9 @@ class AttackView(nn.Module):
         options: gradient mode, EOT and randomness (:class:`ViewOptions`); ``eot_samples`` must
             be resolved (not ``None``).
         seed: seeds the stream of per-purification seeds (``fresh``) or the fixed seed set
-            (``known``).
+            (``known``), and the defense's attack-loss randomness.
         name: the defense's name in error messages.
+        classifier_name: the classifier's name in error messages.
     """
 
     def __init__(
@@ -160,6 +163,7 @@ class AttackView(nn.Module):
         *,
         seed: int = 0,
         name: str | None = None,
+        classifier_name: str | None = None,
     ) -> None:
         super().__init__()
         options = options or ViewOptions(eot_samples=1)
@@ -177,11 +181,10 @@ class AttackView(nn.Module):
         self.defense = defense
         self.options = options
         self.name = name or type(defense).__name__
+        self.classifier_name = classifier_name or type(classifier).__name__
         self.stage = "evaluation"
         self.counter = PassCounter()
-        self.seed = seed
-        self._seeds = torch.Generator().manual_seed(seed)
-        self._known = self._draw_seeds(options.eot_samples)
+        self.reseed(seed)
         self._own_predict = has_own_predict(defense)
         # In a tuple, not registered: the compiled wrapper shares the classifier's parameters.
         self._compiled = (torch.compile(classifier),) if options.compile else None
@@ -189,12 +192,14 @@ class AttackView(nn.Module):
     # -- randomness ------------------------------------------------------------------------
 
     def _draw_seeds(self, n: int) -> list[int]:
-        return torch.randint(0, _SEED_HIGH, (n,), generator=self._seeds).tolist()
+        return torch.randint(0, seeds.SEED_HIGH, (n,), generator=self._seeds).tolist()
 
     def reseed(self, seed: int) -> None:
         """Restart the seed stream (and, for ``known`` randomness, the fixed seed set)."""
         self.seed = seed
         self._seeds = torch.Generator().manual_seed(seed)
+        # A stream of its own: the attack-loss term never shifts the purifications' seeds.
+        self._loss_seeds = torch.Generator().manual_seed(seeds.defense_loss(seed))
         self._known = self._draw_seeds(self.eot_samples)
 
     @property
@@ -263,7 +268,8 @@ class AttackView(nn.Module):
 
     def defense_loss(self, x: Tensor) -> Tensor | None:
         """The defense-aware loss term (per image) the defense offers, or ``None``."""
-        term = self.defense.attack_loss(x)
+        seed = int(torch.randint(0, seeds.SEED_HIGH, (), generator=self._loss_seeds))
+        term = self.defense.attack_loss(x, generator=self._generator(seed, x.device))
         if term is not None:
             self._check(term, "its attack_loss")
         return term
@@ -278,11 +284,16 @@ class AttackView(nn.Module):
             return self.defense.purify(inp, generator=self._generator(seed, inp.device))
 
         if self.options.checkpoint and x.requires_grad and torch.is_grad_enabled():
-            return checkpoint(run, x, use_reentrant=False)
-        return run(x)
+            purified = checkpoint(run, x, use_reentrant=False)
+        else:
+            purified = run(x)
+        self._check_purified(purified, x)
+        return purified
 
     def _classify(self, x: Tensor) -> Tensor:
-        return (self._compiled[0] if self._compiled else self.classifier)(x)
+        logits = (self._compiled[0] if self._compiled else self.classifier)(x)
+        self._check_logits(logits, len(x))
+        return logits
 
     def _logits(self, x: Tensor, seed: int) -> Tensor:
         self.counter.forward += len(x)
@@ -298,9 +309,7 @@ class AttackView(nn.Module):
         mode = self.options.grad
         n = len(x)
         if mode == "transfer":
-            logits = self._classify(x)
-            self._check(logits, "the classifier's logits")
-            return logits
+            return self._classify(x)
         self.counter.purify += n
         needs_grad = x.requires_grad and torch.is_grad_enabled()
         if self._own_predict:
@@ -317,10 +326,7 @@ class AttackView(nn.Module):
             self._check(stand_in, f"its {mode} stand-in")
             # Forward value of the real purifier, gradient of the stand-in.
             purified = stand_in + (real - stand_in).detach()
-        self._check(purified, "purified images")
-        logits = self._classify(purified)
-        self._check(logits, "the classifier's logits")
-        return logits
+        return self._classify(purified)
 
     def _predict_logits(self, x: Tensor, seed: int, mode: str) -> Tensor:
         """Defenses with their own decision (CARSO): BPDA and surrogate act on the logits."""
@@ -331,9 +337,9 @@ class AttackView(nn.Module):
             with torch.no_grad():
                 real = self.defense.predict(self.classifier, x, generator=generator)
             if mode == "bpda":
-                stand_in = self.classifier(self.defense.approx(x))
+                stand_in = self._classify(self.defense.approx(x))
             else:
-                stand_in = self.classifier(
+                stand_in = self._classify(
                     self.defense.surrogate(x, generator=self._generator(seed, x.device))
                 )
             logits = stand_in + (real - stand_in).detach()
@@ -348,6 +354,47 @@ class AttackView(nn.Module):
             raise NonFiniteError(
                 f"defense {self.name!r} gave NaN or inf in {what} ({bad} values) during "
                 f"{self.stage} (grad={self.options.grad})"
+            )
+
+    def _check_purified(self, purified: Tensor, x: Tensor) -> None:
+        """The defense's contract: same shape, the input's float dtype, finite, in [0, 1].
+
+        Under autocast (``precision=bf16``) the dtype may be the autocast one.
+        """
+        where = f"during {self.stage} (grad={self.options.grad})"
+        if purified.shape != x.shape:
+            raise ContractViolation(
+                f"defense {self.name!r} returned purified images of shape "
+                f"{tuple(purified.shape)} for inputs of shape {tuple(x.shape)} {where}: purify "
+                "must return images of its input's shape"
+            )
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not purified.is_floating_point() or (purified.dtype != x.dtype and not autocast):
+            raise ContractViolation(
+                f"defense {self.name!r} returned purified images of dtype {purified.dtype} for "
+                f"inputs of dtype {x.dtype} {where}: purify must keep its input's dtype"
+            )
+        self._check(purified, "purified images")
+        low, high = (v.item() for v in torch.aminmax(purified.detach()))
+        if low < 0 or high > 1:
+            raise ContractViolation(
+                f"defense {self.name!r} returned purified pixels in [{low:.6g}, {high:.6g}] "
+                f"{where}: purify must return images in [0, 1]"
+            )
+
+    def _check_logits(self, logits: Tensor, n: int) -> None:
+        """The classifier's contract on finite images: finite logits of shape ``(N, classes)``."""
+        where = f"during {self.stage} (grad={self.options.grad})"
+        if logits.dim() != 2 or len(logits) != n:
+            raise ContractViolation(
+                f"classifier {self.classifier_name!r} returned logits of shape "
+                f"{tuple(logits.shape)} for {n} images {where}: expected (N, classes)"
+            )
+        if not torch.isfinite(logits).all():
+            bad = (~torch.isfinite(logits)).sum().item()
+            raise NonFiniteError(
+                f"classifier {self.classifier_name!r} gave NaN or inf in {bad} logits of "
+                f"finite images {where}: the classifier is broken, not defense {self.name!r}"
             )
 
     def _check_grad(self, grad: Tensor) -> Tensor:

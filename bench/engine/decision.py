@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from bench.engine.attack_view import AttackView
-from bench.reporting.metrics import Accuracy
+from bench.engine.stats import Tally
 
 RULES = ("single", "avg", "worst", "vote")
 SUCCESS_AT = ("final", "any")
@@ -134,18 +134,39 @@ class Ledger:
         f = self._flags(self.stages)
         return (f["avg"] > 0) | f["vote"]
 
-    def accuracies(self, names: list[str] | None = None) -> dict[str, Accuracy]:
-        """Accuracy with a Wilson interval for every rule over the named stages.
+    def tallies(self, names: list[str] | None = None) -> dict[str, Tally]:
+        """The count of images under every rule over the named stages (all when ``None``).
 
-        ``avg`` is a mean of per-image fractions; its interval treats the rounded count of
-        survivors as binomial, which is conservative for ``draws > 1``.
+        ``avg`` is a mean of per-image fractions, so its count is fractional.
         """
-        out = {}
-        for rule, flag in self.flags(names).items():
-            correct = flag.float().sum().item()
-            acc = Accuracy.from_counts(round(correct), self.n)
-            out[rule] = Accuracy(value=correct / self.n, low=acc.low, high=acc.high, n=self.n)
-        return out
+        return {
+            rule: Tally(correct=flag.float().sum().item(), n=self.n)
+            for rule, flag in self.flags(names).items()
+        }
+
+    def per_sample(self, indices: Tensor, headline: str) -> dict[str, list]:
+        """The per-image table: one column per fact, one row per image.
+
+        Label, clean prediction, every stage's outcome (first draw, and for repeated judging the
+        correct draws and the vote), and the final outcome under every rule and the headline.
+        """
+        clean = self.stages[0]
+        table: dict[str, list] = {
+            "index": indices.tolist(),
+            "label": self.labels.tolist(),
+            "clean_pred": clean.predictions.tolist(),
+        }
+        for stage in self.stages:
+            table[f"{stage.name}_correct"] = stage.correct[0].tolist()
+            if self.draws > 1:
+                table[f"{stage.name}_draws_correct"] = stage.correct.sum(0).tolist()
+                table[f"{stage.name}_vote_correct"] = stage.vote_correct.tolist()
+        flags = self.flags()
+        for rule in RULES:
+            if self.draws > 1 or rule == "single":
+                table[f"robust_{rule}"] = flags[rule].tolist()
+        table["robust"] = flags[headline].tolist()
+        return table
 
 
 class Judge:

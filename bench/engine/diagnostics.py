@@ -45,7 +45,7 @@ Checks (thresholds are documented here and nowhere else):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -57,6 +57,9 @@ from torch import Tensor, nn
 from attacks.pgd_eot import PGDEOT, margin_loss
 from bench.engine.attack_view import AttackView, ViewOptions
 from bench.engine.decision import Judge, Ledger
+from bench.engine.stats import AttackStats
+from common import seeds
+from common.checks import flag, positive_int
 from common.errors import ConfigError
 from defenses.base import Defense
 
@@ -103,9 +106,8 @@ class DiagnosticsConfig:
             )
         out = cls(**{**data, "eps_factors": tuple(data.get("eps_factors", cls.eps_factors))})
         for key in ("n_samples", "steps", "unbounded_steps", "repeats"):
-            value = getattr(out, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"diagnostics.{key}={value!r} must be a positive integer")
+            positive_int(f"diagnostics.{key}", getattr(out, key))
+        flag("diagnostics.enabled", out.enabled)
         if not out.eps_factors or any(not f > 0 for f in out.eps_factors):
             raise ConfigError(
                 f"diagnostics.eps_factors={list(out.eps_factors)} must be positive numbers"
@@ -127,8 +129,7 @@ class DiagnosisInput:
     device: torch.device
     views: Mapping[str, ViewOptions]
     kinds: Mapping[str, str]
-    attacks: Mapping[str, Callable[..., Any]]
-    results: Mapping[str, Any]  # AttackResult per attack
+    results: Mapping[str, AttackStats]
     returns_best: Mapping[str, bool]  # whether each attack returns its best iterate
     ledger: Ledger
     num_classes: int
@@ -167,7 +168,7 @@ class _Diagnosis:
         self.info = type(inp.defense).info
         self.stochastic = self.info.stochastic
         self.checks: dict[str, dict[str, Any]] = {}
-        self._seed = inp.seed * 7919 + 17
+        self._seed = seeds.diagnostics(inp.seed)
         self._climbing: float | None = None  # Pintor's loss indicator, set by the sweep
         # The probe attacks as the strongest white-box attack of the suite saw the defense:
         # exact gradients and fresh randomness first, then the most EOT samples (a
@@ -356,8 +357,8 @@ class _Diagnosis:
         self._incomplete(base, more, steps)
 
     def _path_indicators(self, attack: PGDEOT) -> None:
-        fooled = getattr(attack, "fooled_history", None)
-        losses = getattr(attack, "loss_history", None)
+        # The probe is the harness's PGDEOT: its histories cover its last batch.
+        fooled, losses = attack.fooled_history, attack.loss_history
         if fooled is None or losses is None or fooled.numel() == 0:
             return
         lost = fooled.any(0) & ~fooled[-1]

@@ -293,7 +293,7 @@ class WideResNet(nn.Module):
         super().__init__()
         _check_shape_args(in_channels, num_classes, image_size)
         positive_int("widen_factor", widen_factor)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 10 or (depth - 4) % 6:
             raise ConfigError(
                 f"depth={depth!r} is invalid for WideResNet: expected 6n + 4 with n >= 1 "
                 "(10, 16, 22, 28, 34, 40, 70, ...)"

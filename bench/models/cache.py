@@ -144,7 +144,7 @@ class Entry:
             tmp.mkdir(parents=True)
             write(tmp)
             _write_json(tmp / METRICS_NAME, {**metrics, "versions": package_versions()})
-            _write_json(tmp / SPEC_NAME, canonical(self.spec))
+            _write_json(tmp / SPEC_NAME, canonical({"format": FORMAT, **self.spec}))
             shutil.rmtree(self.path, ignore_errors=True)  # a partial entry from an older crash
             os.replace(tmp, self.path)
         except BaseException:

@@ -14,6 +14,7 @@ import os
 import pickle
 import sys
 import types
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -209,37 +210,10 @@ class RobustBenchClassifier:
             CheckpointError: If the checkpoint is missing and ``download`` is False, or
                 RobustBench fails to load it (a pickled-object checkpoint is refused).
         """
-        if dataset.name != self.dataset:
-            raise ConfigError(
-                f"classifier.dataset={self.dataset!r} does not match the evaluated dataset "
-                f"{dataset.name!r}: a RobustBench model must be evaluated on the dataset it was "
-                f"trained on (RobustBench datasets in the harness: "
-                f"{', '.join(_ROBUSTBENCH_DATASETS)})"
-            )
+        self.check(dataset)
         _refuse_unsafe_torch_load()
         rb = _import_robustbench()
-        threats = [t.value for t in rb.ThreatModel]
-        if self.threat_model not in threats:
-            raise ConfigError(
-                f"threat_model={self.threat_model!r} is invalid: allowed are {', '.join(threats)}"
-            )
-        # RobustBench keeps 3D corruption models in the `corruptions` folder and zoo entry.
-        threat = rb.ThreatModel(self.threat_model.replace("_3d", ""))
-        zoo = rb.model_dicts[rb.BenchmarkDataset(self.dataset)]
-        if threat not in zoo:
-            raise ConfigError(
-                f"threat_model={self.threat_model!r}: RobustBench has no {self.dataset} models "
-                f"for it; allowed are {', '.join(t.value for t in zoo)}"
-            )
-        entries = zoo[threat]
-        if self.name not in entries:
-            names = sorted(entries)
-            close = difflib.get_close_matches(self.name, names, n=3)
-            raise ConfigError(
-                f"name={self.name!r} is not in RobustBench's {self.dataset}/{threat.value} zoo"
-                + (f"; did you mean {', '.join(close)}?" if close else "")
-                + f" It has {len(names)} models, e.g. {listing(names, limit=6)}"
-            )
+        threat, entries = self._zoo_entries(rb)
         # robustbench.utils.load_model serves models that timm knows from the Hugging Face Hub
         # and ignores model_dir for them; say so instead of reporting a missing file.
         timm_name = f"{self.name.lower().replace('-', '_')}_{self.dataset}_{threat.value.lower()}"
@@ -284,6 +258,32 @@ class RobustBenchClassifier:
         self._sha256 = sha256_files(files)
         logger.info("loaded RobustBench model %s from %s", self.name, path)
         return prepare_for_evaluation(model, device, f"RobustBench classifier {self.name}")
+
+    def _zoo_entries(self, rb: types.SimpleNamespace) -> tuple[Any, Mapping[str, Any]]:
+        """This source's threat model and the zoo's entries for it; refuses unknown names."""
+        threats = [t.value for t in rb.ThreatModel]
+        if self.threat_model not in threats:
+            raise ConfigError(
+                f"threat_model={self.threat_model!r} is invalid: allowed are {', '.join(threats)}"
+            )
+        # RobustBench keeps 3D corruption models in the `corruptions` folder and zoo entry.
+        threat = rb.ThreatModel(self.threat_model.replace("_3d", ""))
+        zoo = rb.model_dicts[rb.BenchmarkDataset(self.dataset)]
+        if threat not in zoo:
+            raise ConfigError(
+                f"threat_model={self.threat_model!r}: RobustBench has no {self.dataset} models "
+                f"for it; allowed are {', '.join(t.value for t in zoo)}"
+            )
+        entries = zoo[threat]
+        if self.name not in entries:
+            names = sorted(entries)
+            close = difflib.get_close_matches(self.name, names, n=3)
+            raise ConfigError(
+                f"name={self.name!r} is not in RobustBench's {self.dataset}/{threat.value} zoo"
+                + (f"; did you mean {', '.join(close)}?" if close else "")
+                + f" It has {len(names)} models, e.g. {listing(names, limit=6)}"
+            )
+        return threat, entries
 
     def describe(self) -> dict[str, Any]:
         """Return the source's facts; ``sha256`` of the checkpoint is filled in by `load`."""

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from bench.reporting.records import RunRecord
+from common.checks import choice, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +115,8 @@ class WandbLogger:
         tags: list[str] | None = None,
         grid_images: int = 8,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"logger.mode={mode!r} must be one of {', '.join(MODES)}")
-        if isinstance(grid_images, bool) or not isinstance(grid_images, int) or grid_images < 1:
-            raise ValueError(f"logger.grid_images={grid_images!r} must be an integer >= 1")
+        choice("logger.mode", mode, MODES)
+        positive_int("logger.grid_images", grid_images)
         import wandb  # noqa: F401  (fail at plan time, not after the evaluation, if missing)
 
         self.project, self.entity, self.mode = project, entity, mode

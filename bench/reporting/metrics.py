@@ -1,10 +1,12 @@
-"""Accuracy with confidence intervals."""
+"""Accuracy with confidence intervals, from the engine's counts."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from scipy.stats import binomtest
+
+from bench.engine.stats import Tally
 
 
 @dataclass(frozen=True)
@@ -30,3 +32,13 @@ class Accuracy:
             raise ValueError(f"accuracy needs n > 0 images, got n={n}")
         ci = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
         return cls(value=correct / n, low=float(ci.low), high=float(ci.high), n=n)
+
+    @classmethod
+    def from_tally(cls, tally: Tally) -> Accuracy:
+        """Accuracy of an engine count; a fractional count (the ``avg`` rule) keeps its value.
+
+        The interval is the Wilson interval of the rounded count, which is conservative for
+        ``avg`` over several draws (a mean of per-image fractions varies less than a binomial).
+        """
+        rounded = cls.from_counts(round(tally.correct), tally.n)
+        return cls(value=tally.correct / tally.n, low=rounded.low, high=rounded.high, n=tally.n)

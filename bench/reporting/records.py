@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.engine.stats import AttackStats
 from bench.reporting.metrics import Accuracy
 
 SCHEMA_VERSION = 2
@@ -16,50 +17,21 @@ RECORD_NAME = "record.json"
 PER_SAMPLE_NAME = "per_sample.csv"
 
 
-@dataclass
-class AttackResult:
-    """One attack of the suite, run on every clean-correct image of the subset.
+@dataclass(kw_only=True)
+class AttackResult(AttackStats):
+    """One attack of the suite: what it did and the accuracies it left.
+
+    What it did is :class:`~bench.engine.stats.AttackStats`; the accuracies are added here.
 
     Attributes:
-        target: the attack's ``_target_`` (its implementation).
-        robust_acc: accuracy on the subset after this attack alone.
-        n_attacked: images the attack ran on (still robust under some rule when it started, in
-            a cascade; clean-correct otherwise).
-        wall_s: seconds spent in the attack, its judging included.
-        max_perturbation: largest perturbation norm it returned (threat norm).
-        warnings: what the attack's own checks reported (AutoAttack's flags).
-        kind: ``white-box``, ``black-box`` or ``transfer``.
-        view: how the attack saw the defense (gradient mode, EOT, randomness).
+        robust_acc: accuracy on the subset after this attack, under the run's headline rule.
         rules: accuracy under every decision rule over the clean stage and this attack
             (cumulative over the earlier attacks in a cascade: points they broke are not
             attacked again).
-        passes: images pushed through the attack's view: classifier forwards, backwards
-            reaching the input, purifier calls (EOT samples counted one by one).
-        purifier_calls_per_image: purifier network evaluations per attacked image, the
-            attack's and its judging's together (``passes.purify`` times the defense's NFE).
-        peak_memory_mb: peak memory during the attack (CUDA allocator on GPU; the process's
-            resident high-water mark on CPU).
-        believed_fooled: images the attack's own view judged fooled (approximate-gradient
-            and transfer attacks only).
-        transfer_failure: fraction of those that the real defense classified correctly.
-        broken_on_path: images the attack saw fooled at some iterate (attacks that track it).
     """
 
-    target: str
-    robust_acc: Accuracy  # under the run's headline decision rule
-    n_attacked: int
-    wall_s: float
-    max_perturbation: float
-    warnings: list[str] = field(default_factory=list)
-    kind: str = "white-box"
-    view: dict[str, Any] = field(default_factory=dict)
+    robust_acc: Accuracy
     rules: dict[str, Accuracy] = field(default_factory=dict)
-    passes: dict[str, int] = field(default_factory=dict)
-    purifier_calls_per_image: float = 0.0
-    peak_memory_mb: float | None = None
-    believed_fooled: int | None = None
-    transfer_failure: float | None = None
-    broken_on_path: int | None = None
 
 
 @dataclass
@@ -147,10 +119,27 @@ def write_json_atomic(path: Path, data: Any) -> None:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=2, sort_keys=False)
             fh.write("\n")
+        # mkstemp creates the file 0600; outputs get the mode every other file gets (0666 less
+        # the umask), so a record is as readable as the per-sample table beside it.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where the OS allows (Linux)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: the only portable read sets it, so set it back at once
+    os.umask(mask)
+    return mask
 
 
 def write_record(record: RunRecord, output_dir: Path) -> Path:

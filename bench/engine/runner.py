@@ -1,0 +1,291 @@
+"""The runner: a planned evaluation, stage by stage, into an :class:`Outcome`.
+
+1. **setup**: the evaluation subset, the classifier and the defense's parts are loaded, or
+   trained and cached (the only heavy work a bad config never reaches);
+2. **clean**: every image judged with ``draws`` fresh purifications;
+3. **attacks**: each attack of the suite on the images still robust (a cascade) or on every
+   clean-correct one, batch by batch, each batch checked against the threat and judged;
+4. **summary**: robust counts under every rule, cost, the per-image table;
+5. **diagnostics**: the checks that say whether the evaluation can be trusted.
+
+The outcome is filled as the stages go, so a run that fails midway still reports what it did.
+The runner counts; turning counts into accuracies and records is :mod:`bench.reporting`'s job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bench.devices import peak_memory_mb, reset_peak_memory
+from bench.engine.attack_view import AttackView, ViewOptions
+from bench.engine.attacking import GRID_IMAGES, AttackRun, AttackSeeds, AttackTotals
+from bench.engine.decision import Judge, Ledger
+from bench.engine.diagnostics import DiagnosisInput, diagnose, verdict
+from bench.engine.plan import AttackPlan, Plan
+from bench.engine.resume import ResumeState
+from bench.engine.stats import AttackStats, Tally
+from bench.models.parts import prepare_parts
+from common import seeds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """What a run measured so far (filled stage by stage).
+
+    Attributes:
+        classifier_info: the classifier source's facts (cache key, digest, training metrics).
+        defense_parts: the facts of every trained or loaded part of the defense.
+        clean: the clean count under every rule.
+        attacks: per attack, what it did and the counts under every rule over the clean stage
+            and the attacks up to it.
+        robust: the count under every rule over every stage (``None`` for a clean-only suite).
+        diagnostics: the checks and the probe's description.
+        verdict: ``ok``, the failed checks, or ``not run``.
+        cost: ``setup_s``, purifier calls per image, peak memory.
+        per_sample: one column per fact, one row per image.
+        examples: a few images per stage for the dashboard.
+    """
+
+    classifier_info: dict[str, Any] = field(default_factory=dict)
+    defense_parts: list[dict[str, Any]] = field(default_factory=list)
+    clean: dict[str, Tally] | None = None
+    attacks: dict[str, tuple[AttackStats, dict[str, Tally]]] = field(default_factory=dict)
+    robust: dict[str, Tally] | None = None
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    verdict: str | list[str] = "not run"
+    cost: dict[str, Any] = field(default_factory=dict)
+    per_sample: dict[str, list] | None = None
+    examples: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Runner:
+    """Runs a :class:`~bench.engine.plan.Plan`; :meth:`run` fills and returns its outcome.
+
+    Args:
+        plan: the validated plan.
+        resume: the file of this configuration's per-batch checkpoint.
+        keep_examples: keep a few clean, adversarial and purified images (for a dashboard).
+        start: ``time.perf_counter()`` at the run's start (setup time counts from there).
+    """
+
+    def __init__(self, plan: Plan, resume: Path, *, keep_examples: bool, start: float) -> None:
+        self.plan, self.keep_examples, self.start = plan, keep_examples, start
+        self.outcome = Outcome()
+        self.state = ResumeState(resume, plan.fingerprint, (plan.decision.draws, len(plan.indices)))
+        self.phase_peaks: list[float] = []
+        self.total_purify = 0
+
+    def run(self) -> Outcome:
+        """Every stage in order; the outcome is complete when this returns."""
+        self.setup()
+        self.judge_clean()
+        for k, (name, spec) in enumerate(self.plan.attacks.items()):
+            self.attack(k, name, spec)
+        self.summarize()
+        if self.plan.diagnostics.enabled and self.plan.attacks:
+            self.diagnose()
+        return self.outcome
+
+    def clear(self) -> None:
+        """Delete the resume checkpoint (call only once the run's record is written)."""
+        self.state.clear()
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Load the subset, the classifier and the defense's parts (training what is missing)."""
+        p = self.plan
+        x_test, y_test = p.dataset.test()
+        self.x, self.y = x_test[p.indices], y_test[p.indices]
+        self.classifier: nn.Module = p.classifier.load(p.dataset, p.device)
+        self.outcome.classifier_info = p.classifier.describe()
+        # The defense's generative parts are trained or loaded now, after every check passed.
+        self.outcome.defense_parts = prepare_parts(
+            p.defense,
+            p.dataset,
+            p.device,
+            classifier=self.classifier,
+            classifier_info=self.outcome.classifier_info,
+        )
+        self.outcome.cost["setup_s"] = time.perf_counter() - self.start
+        self.defense = p.defense.to(p.device).eval()
+        eval_view = self._view(
+            ViewOptions(eot_samples=1, allow_masked=True), seeds.evaluation(p.seed)
+        )
+        self.judge = Judge(eval_view, draws=p.decision.draws, batch_size=p.batch_size)
+        self.ledger = Ledger(self.y, p.decision.draws, p.decision.vote)
+        reset_peak_memory(p.device)
+
+    def judge_clean(self) -> None:
+        """Judge every clean image ``draws`` times (or take the judgement from the checkpoint)."""
+        p, state = self.plan, self.state
+        if state.clean is None:
+            self.judge.view.reseed(seeds.evaluation(p.seed))
+            state.save_clean(self.judge.predictions(self.x, p.device))
+        attacked = torch.ones(len(self.y), dtype=torch.bool)
+        self.clean_stage = self.ledger.add("clean", state.clean, attacked)
+        self.outcome.clean = self.ledger.tallies(["clean"])
+        self.clean_only = self.ledger.alive()
+        headline = self.outcome.clean[p.decision.headline]
+        log.info(
+            "clean accuracy %.2f%% (%s) on %d images",
+            100 * headline.correct / headline.n,
+            p.decision.headline,
+            len(self.y),
+        )
+        # Clean judging purifies every image `draws` times (counted even when resumed).
+        self.total_purify = len(self.y) * p.decision.draws
+        self.outcome.examples["clean"] = self.x[:GRID_IMAGES].clone()
+
+    def attack(self, k: int, name: str, spec: AttackPlan) -> None:
+        """Run attack ``k`` on the images it must see, judge them, and record its outcome."""
+        p = self.plan
+        attack_seeds = AttackSeeds.of(p.seed, k)
+        view = self._view(spec.view, attack_seeds.view).eval()
+        view.stage = f"attack {name!r}"
+        self.judge.view.stage = f"judging attack {name!r}"
+        mask = self.ledger.alive() if p.cascade else self.clean_only
+        targets = mask.nonzero().squeeze(1)
+        run = AttackRun(
+            name=name,
+            attack=spec.make(model=view),
+            view=view,
+            judge=self.judge,
+            seeds=attack_seeds,
+            norm=p.norm,
+            eps=p.eps,
+            draws=p.decision.draws,
+            batch_size=p.batch_size,
+            track_path=p.decision.success_at == "any",
+        )
+        self.phase_peaks.append(peak_memory_mb(p.device))
+        reset_peak_memory(p.device)
+        batches = run.run(self.x[targets], self.y[targets], p.device, self.state)
+        totals = AttackTotals.of(batches, p.decision.draws)
+        self._keep_examples(name, totals)
+        self.ledger.add(name, totals.preds, mask, totals.on_path)
+        tallies = self.ledger.tallies(["clean", name])
+        stats = self._stats(spec, view, targets, totals)
+        self.outcome.attacks[name] = (stats, tallies)
+        head = tallies[p.decision.headline]
+        log.info(
+            "%s: robust accuracy %.2f%% (%s, %.0f s)",
+            name,
+            100 * head.correct / head.n,
+            p.decision.headline,
+            totals.wall_s,
+        )
+        for w in totals.warnings:
+            log.warning("%s: %s", name, w)
+
+    def summarize(self) -> None:
+        """Robust counts over the whole suite, the run's cost and the per-image table."""
+        p = self.plan
+        # A clean-only run (suite=clean) measures what purification costs; it claims no robustness.
+        self.outcome.robust = self.ledger.tallies() if p.attacks else None
+        self.outcome.cost.update(
+            purifier_calls_per_image=self.total_purify
+            * self.defense.calls_per_purify
+            / len(self.y),
+            peak_memory_mb=max([*self.phase_peaks, peak_memory_mb(p.device)]),
+            memory="cuda allocator peak" if p.device.type == "cuda" else "process RSS high-water",
+        )
+        self.outcome.per_sample = self.ledger.per_sample(p.indices, p.decision.headline)
+        robust = self.outcome.robust
+        if robust is not None:
+            head = robust[p.decision.headline]
+            log.info(
+                "robust accuracy (worst case over %s, %s): %.2f%%",
+                ", ".join(p.attacks),
+                p.decision.headline,
+                100 * head.correct / head.n,
+            )
+
+    def diagnose(self) -> None:
+        """The diagnostics on the clean-correct images, and the run's verdict."""
+        p = self.plan
+        ok = self.clean_only.nonzero().squeeze(1)
+        self.outcome.diagnostics = diagnose(
+            DiagnosisInput(
+                classifier=self.classifier,
+                defense=self.defense,
+                name=p.name,
+                x=self.x[ok],
+                y=self.y[ok],
+                norm=p.norm,
+                eps=p.eps,
+                device=p.device,
+                views={n: a.view for n, a in p.attacks.items()},
+                kinds={n: a.kind for n, a in p.attacks.items()},
+                results={n: stats for n, (stats, _) in self.outcome.attacks.items()},
+                returns_best={n: a.traits.returns_best for n, a in p.attacks.items()},
+                ledger=self.ledger,
+                num_classes=p.dataset.num_classes,
+                seed=p.seed,
+                batch_size=p.batch_size,
+            ),
+            p.diagnostics,
+        )
+        self.outcome.verdict = verdict(self.outcome.diagnostics)
+        log.info("diagnostics verdict: %s", self.outcome.verdict)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _view(self, options: ViewOptions, seed: int) -> AttackView:
+        return AttackView(
+            self.classifier,
+            self.defense,
+            options,
+            seed=seed,
+            name=self.plan.name,
+            classifier_name=self.plan.classifier_name,
+        )
+
+    def _stats(
+        self, spec: AttackPlan, view: AttackView, targets: Tensor, totals: AttackTotals
+    ) -> AttackStats:
+        believed = transfer_failure = None
+        if totals.believed is not None:
+            fooled = totals.believed != self.y[targets]
+            believed = int(fooled.sum())
+            still_right = (totals.preds[0] == self.y[targets]) & fooled
+            transfer_failure = float(still_right.sum()) / believed if believed else 0.0
+        purify_images = totals.passes["purify"] + totals.judge_purify
+        self.total_purify += purify_images
+        return AttackStats(
+            target=spec.target,
+            n_attacked=len(targets),
+            wall_s=totals.wall_s,
+            max_perturbation=totals.worst,
+            warnings=totals.warnings,
+            kind=spec.kind,
+            view=view.options.to_dict(),
+            passes=totals.passes,
+            purifier_calls_per_image=purify_images
+            * self.defense.calls_per_purify
+            / max(len(targets), 1),
+            peak_memory_mb=peak_memory_mb(self.plan.device),
+            believed_fooled=believed,
+            transfer_failure=transfer_failure,
+            broken_on_path=None if totals.on_path is None else int(totals.on_path.sum()),
+        )
+
+    def _keep_examples(self, name: str, totals: AttackTotals) -> None:
+        if totals.examples is None or not self.keep_examples:
+            return
+        self.outcome.examples[f"adversarial/{name}"] = totals.examples
+        generator = torch.Generator(self.plan.device).manual_seed(seeds.evaluation(self.plan.seed))
+        with torch.inference_mode():  # what the classifier saw
+            purified = self.defense.purify(
+                totals.examples.to(self.plan.device), generator=generator
+            )
+        self.outcome.examples[f"purified/{name}"] = purified.cpu()
