@@ -267,15 +267,15 @@ def test_machine_paths_do_not_reach_the_fingerprint(compose_cfg, tmp_path: Path)
 
 
 def _signalled_run(tmp_path: Path, cache_dir: Path, sig: signal.Signals) -> Path:
-    """Start a CLI run, send ``sig`` once it has checkpointed, return its run dir."""
+    """Start a CLI run, send ``sig`` once it has checkpointed two attack batches; its run dir."""
     results = tmp_path / "results"
     run_dir = tmp_path / sig.name
     overrides = [
         *fast_overrides(cache_dir, results),
         "suite=pgd",
-        "suite.attacks.pgd.steps=40",
-        "batch_size=4",
-        "n_samples=32",
+        "suite.attacks.pgd.steps=200",
+        "batch_size=2",
+        "n_samples=64",
         "diagnostics.enabled=false",
     ]
     proc = subprocess.Popen(
@@ -284,10 +284,14 @@ def _signalled_run(tmp_path: Path, cache_dir: Path, sig: signal.Signals) -> Path
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 300
-    while not list((results / "resume").glob("*.pt")) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.5)  # into the attack
+    # The checkpoint is rewritten after the clean judgement and after every batch.
+    saves, last, deadline = 0, None, time.monotonic() + 300
+    while saves < 3 and proc.poll() is None and time.monotonic() < deadline:
+        files = list((results / "resume").glob("*.pt"))
+        stamp = files[0].stat().st_mtime_ns if files else None
+        if stamp is not None and stamp != last:
+            saves, last = saves + 1, stamp
+        time.sleep(0.005)
     assert proc.poll() is None, "the run finished before the signal: give it more work"
     proc.send_signal(sig)
     proc.wait(timeout=120)
