@@ -213,6 +213,10 @@ def test_trained_part_starts_from_its_init_stage(tmp_path: Path) -> None:
     described = prepare_parts(tuned, digits(), torch.device("cpu"))
     assert described[0]["init"]["part"] == "tiny"
     assert not torch.equal(tuned.part.weight, pre.part.weight)
+    # Once cached, the part alone is loaded: its init stage is neither read nor attached.
+    again = _Holder(_part(tmp_path, init=_part(tmp_path), train=partial(_tiny_train, steps=4)))
+    assert len(prepare_parts(again, digits(), torch.device("cpu"))) == 1
+    assert [n for n, _ in again.named_modules()] == ["", "part"]
 
 
 def test_parts_trained_against_the_classifier_need_it_and_key_on_it(tmp_path: Path) -> None:

@@ -250,9 +250,14 @@ def prepare_parts(
         classifier_info: its description (cache key), so such parts are cached per classifier.
     """
     described = []
-    for name, sub in list(module.named_modules()):
-        if sub is module or _inside_source(module, name):
-            continue
+    # Decided before any part is replaced: once a part's network takes its place, a stage below
+    # it (its `init`) no longer looks nested, and would be loaded and attached to the network.
+    parts = [
+        (n, s)
+        for n, s in module.named_modules()
+        if s is not module and not _inside_source(module, n)
+    ]
+    for name, sub in parts:
         if isinstance(sub, TrainedPart):
             net, info = sub.resolve(dataset, device, classifier, classifier_info)
             parent_name, _, attr = name.rpartition(".")
