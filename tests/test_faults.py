@@ -283,6 +283,9 @@ def _signalled_run(tmp_path: Path, cache_dir: Path, sig: signal.Signals) -> Path
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        # As from a terminal: a test run started in the background inherits an ignored SIGINT,
+        # and Python then never turns Ctrl-C into KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # The checkpoint is rewritten after the clean judgement and after every batch.
     saves, last, deadline = 0, None, time.monotonic() + 300
