@@ -31,6 +31,15 @@ SMALL = {
     "decoder_depth": 1,
     "decoder_heads": 2,
 }
+# The size of the `trained` fixture's MAE; RAMRM fine-tuning starts from its weights.
+TRAINED = {
+    "width": 32,
+    "depth": 2,
+    "heads": 2,
+    "decoder_width": 32,
+    "decoder_depth": 1,
+    "decoder_heads": 2,
+}
 
 
 def tiny_mae(patch_size: int = 2, seed: int = 0) -> MAE:
@@ -76,16 +85,7 @@ def trained() -> MAE:
     """A tiny MAE trained for a few seconds on digits (patch 2: 16 tokens)."""
     ctx = ctx_digits()
     torch.manual_seed(0)
-    net = mae_vit(
-        ctx,
-        patch_size=2,
-        width=32,
-        depth=2,
-        heads=2,
-        decoder_width=32,
-        decoder_depth=1,
-        decoder_heads=2,
-    )
+    net = mae_vit(ctx, patch_size=2, **TRAINED)
     train_mae(net, ctx, steps=150, batch_size=64, lr=3e-3, log_every=50, eval_samples=200)
     return net.eval().requires_grad_(False)
 
@@ -302,17 +302,7 @@ def test_finetune_ramrm_runs_against_the_classifier(trained: MAE) -> None:
     data = digits()
     classifier = tiny_classifier(data)
     ctx = ctx_digits(classifier)
-    net = MAE(
-        1,
-        (8, 8),
-        patch_size=2,
-        width=32,
-        depth=2,
-        heads=2,
-        decoder_width=32,
-        decoder_depth=1,
-        decoder_heads=2,
-    )
+    net = MAE(1, (8, 8), patch_size=2, **TRAINED)
     net.load_state_dict(trained.state_dict())
     net.requires_grad_(True)
     before = {k: v.clone() for k, v in net.state_dict().items()}

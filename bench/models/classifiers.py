@@ -174,7 +174,9 @@ class CheckpointClassifier:
 
     def fingerprint(self) -> dict[str, Any]:
         """The checkpoint file's digest: what identifies the weights, wherever the file lives."""
-        return {"sha256": sha256_files([Path(self.path).expanduser()])}
+        if self._sha256 is None:  # check() hashed the file already when it read it
+            self._sha256 = sha256_files([Path(self.path).expanduser()])
+        return {"sha256": self._sha256}
 
     def load(self, dataset: ImageDataset, device: torch.device) -> nn.Module:
         """The checked model (behind `Normalize` if mean/std were given), ready for attacks.

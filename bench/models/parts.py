@@ -85,6 +85,7 @@ class TrainedPart(nn.Module):
                 "local state_dict file, or null to train the part here"
             )
         self.uses_classifier = uses_classifier or (init is not None and init.uses_classifier)
+        self._digest: str | None = None  # the checkpoint's, hashed once (plan, then resolve)
 
     def spec(self, dataset: ImageDataset, classifier_info: dict[str, Any] | None) -> dict:
         """Everything that determines the trained weights (the cache key's input)."""
@@ -108,7 +109,9 @@ class TrainedPart(nn.Module):
         """
         if self.checkpoint is None:
             return None
-        return {"part": self.name, "sha256": sha256_files([self.checkpoint])}
+        if self._digest is None:
+            self._digest = sha256_files([self.checkpoint])
+        return {"part": self.name, "sha256": self._digest}
 
     def resolve(
         self,

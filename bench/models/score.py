@@ -167,6 +167,7 @@ class TrainedScoreNet(ScoreNet):
                 "config.json there); give a local UNet2DModel directory, or null to train one"
             )
         self.info: dict[str, Any] = {}
+        self._digest: str | None = None
 
     def fingerprint(self) -> dict[str, Any] | None:
         """What identifies ``pretrained`` weights (their files' digest); else ``None``.
@@ -175,8 +176,10 @@ class TrainedScoreNet(ScoreNet):
         """
         if self.pretrained is None:
             return None
-        files = sorted(p for p in self.pretrained.rglob("*") if p.is_file())
-        return {"part": "score", "sha256": sha256_files(files)}
+        if self._digest is None:  # hashed once: the plan asks, then prepare records it
+            files = sorted(p for p in self.pretrained.rglob("*") if p.is_file())
+            self._digest = sha256_files(files)
+        return {"part": "score", "sha256": self._digest}
 
     def prepare(self, dataset: ImageDataset, device: torch.device) -> None:
         """Load or train the network for ``dataset`` and freeze it on ``device``."""
