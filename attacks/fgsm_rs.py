@@ -24,7 +24,8 @@ class FGSMRS:
         model (nn.Module): the model to attack.
         norm (str): must be ``"Linf"``.
         eps (float): perturbation budget.
-        rel_stepsize (float): step size as a fraction of ``eps``. (Default: 1.25)
+        rel_stepsize (float): step size as a fraction of ``eps``, at least 1: a shorter single
+            step cannot reach the threat's boundary from the clean image. (Default: 1.25)
 
     Example:
         >>> x_adv = FGSMRS(model, norm="Linf", eps=0.1)(x, y)
@@ -38,7 +39,13 @@ class FGSMRS:
     ) -> None:
         check_norm(norm, ("Linf",), "FGSM-RS")
         real("FGSM-RS eps", eps, "> 0", lambda v: v > 0)
-        real("FGSM-RS rel_stepsize", rel_stepsize, "> 0", lambda v: v > 0)
+        # The rule of PGD's check_reach for its one step: it must be able to travel eps.
+        real(
+            "FGSM-RS rel_stepsize",
+            rel_stepsize,
+            ">= 1 (its one step must reach eps)",
+            lambda v: v >= 1,
+        )
         self.norm, self.eps, self.alpha = norm, eps, rel_stepsize * eps
         self._attack = torchattacks.FFGSM(model, eps=eps, alpha=self.alpha)
 

@@ -8,6 +8,7 @@ import torchattacks
 from torch import Tensor, nn
 
 from attacks.base import check_norm
+from attacks.pgd_eot import check_reach
 from common.checks import flag, positive_int, real
 
 
@@ -26,7 +27,8 @@ class PGD:
         eps (float): perturbation budget.
         steps (int): number of iterations. (Default: 50)
         rel_stepsize (float | None): step size as a fraction of ``eps``; ``None`` uses Madry et
-            al.'s rule ``2.5 / steps``. (Default: None)
+            al.'s rule ``2.5 / steps``. Refused when ``steps * rel_stepsize < 1``: those steps
+            cannot reach the threat's boundary. (Default: None)
         random_start (bool): start from a random point in the eps-ball. (Default: True)
 
     Shape:
@@ -56,6 +58,7 @@ class PGD:
         if rel_stepsize is not None:
             real("PGD rel_stepsize", rel_stepsize, "> 0 or null", lambda v: v > 0)
         flag("PGD random_start", random_start)
+        check_reach("PGD", eps, steps, rel_stepsize=rel_stepsize)
         alpha = eps * (2.5 / steps if rel_stepsize is None else rel_stepsize)
         cls = torchattacks.PGD if norm == "Linf" else torchattacks.PGDL2
         self.norm, self.eps, self.steps, self.alpha = norm, eps, steps, alpha

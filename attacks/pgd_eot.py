@@ -70,6 +70,56 @@ def dlr_loss(logits: Tensor, y: Tensor) -> Tensor:
 
 _LOSS_FNS: dict[str, LossFn] = {"ce": ce_loss, "margin": margin_loss, "dlr": dlr_loss}
 
+# Relative slack of the reach check, so that e.g. 3 steps of eps / 3 pass despite rounding.
+_REACH_SLACK = 1e-9
+
+
+def check_reach(
+    attack: str,
+    eps: float,
+    steps: int,
+    *,
+    step_size: float | None = None,
+    rel_stepsize: float | None = None,
+) -> None:
+    """Refuse a step schedule that cannot carry an iterate from the clean image to eps.
+
+    A PGD iterate moves at most one step per iteration, so ``steps`` steps shorter than ``eps``
+    in total never reach the threat's boundary, and the attack is weaker than its budget says:
+    an absolute 2/255 (Hill et al.'s BPDA+EOT at eps 8/255) run for the 10 steps of a CPU
+    suite travels 0.078 < 0.1 on Fashion-MNIST. An absolute ``step_size`` (it wins, as in
+    :class:`PGDEOT`) is checked against ``eps``, a relative ``rel_stepsize`` against 1;
+    ``None`` for both is Madry et al.'s ``2.5 / steps``, which always reaches.
+
+    Args:
+        attack: the attack's name in the message.
+        eps: the perturbation budget (> 0).
+        steps: gradient steps per run (>= 1).
+        step_size: absolute step, or ``None``.
+        rel_stepsize: step as a fraction of ``eps``, or ``None``.
+
+    Raises:
+        ConfigError: the steps cannot travel ``eps``; names the values and what would.
+    """
+    if step_size is not None:
+        travel = steps * step_size
+        if travel >= eps * (1 - _REACH_SLACK):
+            return
+        need = math.ceil(eps / step_size * (1 - _REACH_SLACK))
+        raise ConfigError(
+            f"{attack}: {steps} steps of step_size={step_size:.4g} travel at most {travel:.4g} "
+            f"< eps={eps:.4g}: the attack cannot reach the threat's boundary; use rel_stepsize "
+            f"(a fraction of eps, re-derived per budget) or at least {need} steps"
+        )
+    if rel_stepsize is not None and steps * rel_stepsize < 1 - _REACH_SLACK:
+        need = math.ceil((1 - _REACH_SLACK) / rel_stepsize)
+        raise ConfigError(
+            f"{attack}: {steps} steps of rel_stepsize={rel_stepsize:.4g} travel at most "
+            f"{steps * rel_stepsize:.4g} eps < eps: the attack cannot reach the threat's "
+            f"boundary; use rel_stepsize >= {1 / steps:.4g} (1 / steps), null (2.5 / steps) "
+            f"or at least {need} steps"
+        )
+
 
 class _Best:
     """The best iterate per point so far: ``(fooled, score)`` ordered lexicographically."""
@@ -118,9 +168,10 @@ class PGDEOT:
         eps (float): perturbation budget.
         steps (int): gradient steps per restart. (Default: 50)
         rel_stepsize (float | None): step size as a fraction of ``eps``; ``None`` uses Madry et
-            al.'s rule ``2.5 / steps``. (Default: None)
-        step_size (float | None): absolute step size, overrides ``rel_stepsize`` (e.g. 2/255 for
-            BPDA+EOT as Hill et al.). (Default: None)
+            al.'s rule ``2.5 / steps``. Refused when ``steps * rel_stepsize < 1``. (Default: None)
+        step_size (float | None): absolute step size, overrides ``rel_stepsize``. Refused when
+            ``steps * step_size < eps`` (:func:`check_reach`): prefer ``rel_stepsize``, which
+            follows eps when a threat changes it. (Default: None)
         restarts (int): runs from fresh random starts; restart ``r > 0`` only attacks points no
             earlier run fooled. (Default: 1)
         loss (str | list[str]): ``"ce"``, ``"margin"`` (Carlini-Wagner) or ``"dlr"`` (Croce & Hein
@@ -225,6 +276,8 @@ class PGDEOT:
         flag("PGDEOT random_start", random_start)
         flag("PGDEOT track", track)
         integer("PGDEOT seed", seed, minimum=0)
+
+        check_reach("PGDEOT", eps, steps, step_size=step_size, rel_stepsize=rel_stepsize)
 
         self.model = model
         self.norm, self.eps, self.steps, self.restarts = norm, float(eps), steps, restarts

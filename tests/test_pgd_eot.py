@@ -395,12 +395,55 @@ def test_seed_reproducible(tiny_model, batch, norm: str) -> None:
         ({"eot_reduce": "mean"}, "'mean'"),
         ({"defense_loss_weight": -0.5}, "defense_loss_weight=-0.5"),
         ({"check_reps": -1}, "check_reps=-1"),
+        # Steps that cannot travel eps (profile quick's old BPDA+EOT: 10 steps of 2/255).
+        (
+            {"steps": 10, "step_size": 2 / 255},
+            "PGDEOT: 10 steps of step_size=0.007843 travel at most 0.07843 < eps=0.1: the attack "
+            "cannot reach the threat's boundary; use rel_stepsize (a fraction of eps, re-derived "
+            "per budget) or at least 13 steps",
+        ),
+        (
+            {"steps": 10, "rel_stepsize": 0.05},
+            "PGDEOT: 10 steps of rel_stepsize=0.05 travel at most 0.5 eps < eps: the attack cannot "
+            "reach the threat's boundary; use rel_stepsize >= 0.1 (1 / steps), null (2.5 / steps) "
+            "or at least 20 steps",
+        ),
+        # The absolute step wins over the relative one, as in the schedule itself.
+        ({"steps": 4, "rel_stepsize": 0.5, "step_size": 0.02}, "step_size=0.02"),
+        ({"norm": "L2", "eps": 0.5, "steps": 3, "rel_stepsize": 0.25}, "3 steps of rel"),
     ],
 )
 def test_bad_arguments_raise(tiny_model, kwargs: dict, shown: str) -> None:
     args = {"norm": "Linf", "eps": 0.1} | kwargs
     with pytest.raises(ConfigError, match=re.escape(shown)):
         PGDEOT(tiny_model, **args)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"steps": 3, "rel_stepsize": 1 / 3},  # exactly eps, despite rounding
+        {"steps": 3, "step_size": 0.1 / 3},
+        {"steps": 13, "step_size": 2 / 255},
+        {"steps": 1, "rel_stepsize": None},  # Madry's 2.5 / steps always reaches
+        {"steps": 4, "rel_stepsize": 0.01, "step_size": 0.03},  # the absolute step decides
+    ],
+)
+def test_steps_that_reach_eps_are_allowed(tiny_model, kwargs: dict) -> None:
+    attack = PGDEOT(tiny_model, norm="Linf", eps=0.1, **kwargs)
+    assert attack.steps * attack.alpha >= 0.1 * (1 - 1e-9)
+
+
+def test_library_attacks_refuse_steps_that_cannot_reach_eps(tiny_model) -> None:
+    from attacks.fgsm_rs import FGSMRS
+    from attacks.pgd import PGD
+
+    with pytest.raises(ConfigError, match=re.escape("PGD: 4 steps of rel_stepsize=0.2")):
+        PGD(tiny_model, norm="L2", eps=0.5, steps=4, rel_stepsize=0.2)
+    PGD(tiny_model, norm="L2", eps=0.5, steps=5, rel_stepsize=0.2)
+    with pytest.raises(ConfigError, match=re.escape("rel_stepsize=0.5 is not allowed")):
+        FGSMRS(tiny_model, norm="Linf", eps=0.1, rel_stepsize=0.5)
+    FGSMRS(tiny_model, norm="Linf", eps=0.1, rel_stepsize=1.0)
 
 
 def test_dlr_needs_three_classes() -> None:
