@@ -12,12 +12,15 @@ import logging
 from collections.abc import Sequence
 from typing import ClassVar
 
+import torch
 from pyautoattack import AutoAttack as _PyAutoAttack
 from torch import Tensor, nn
 
 from attacks.base import check_norm
 from common.checks import choice, known_keys, optional_positive_int, positive_int, real
 from common.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 _VERSIONS = ("standard", "plus", "rand", "custom")
 _SUBATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
@@ -65,8 +68,13 @@ class AutoAttack:
         seed (int): AutoAttack's seed; without it AutoAttack would seed from the clock.
         batch_size (int): AutoAttack's batch size.
 
+    Gradient failures never stop it: the harness's view hands it zero gradients where the
+    defense cut the graph or gave NaN, and an image that still comes back non-finite is
+    replaced by its clean image, with a warning.
+
     Attributes:
-        warnings (list[str]): the warnings AutoAttack's own checks raised in the last call.
+        warnings (list[str]): the warnings AutoAttack's own checks raised in the last call,
+            and the wrapper's own (non-finite images replaced).
 
     Example:
         >>> attack = AutoAttack(model, norm="Linf", eps=0.1, version="standard", seed=0)
@@ -185,4 +193,22 @@ class AutoAttack:
         finally:
             logger.removeHandler(collect)
         self.warnings = collect.messages
-        return x_adv
+        return self._finite_or_clean(x, x_adv)
+
+    def _finite_or_clean(self, x: Tensor, x_adv: Tensor) -> Tensor:
+        """``x_adv`` with every non-finite image replaced by its clean image (and a warning).
+
+        FAB divides by gradient norms: a degenerate gradient must cost the attack its point,
+        never the run (a NaN image fails the threat check).
+        """
+        bad = ~torch.isfinite(x_adv).flatten(1).all(1)
+        n_bad = int(bad.sum())
+        if not n_bad:
+            return x_adv
+        message = (
+            f"AutoAttack returned non-finite images for {n_bad} of {len(x)} points; the clean "
+            "images were kept for them"
+        )
+        log.warning(message)
+        self.warnings.append(message)
+        return torch.where(bad.view(-1, *([1] * (x.dim() - 1))), x, x_adv)

@@ -79,3 +79,56 @@ class NaNDefense(Defense):
 
     def purify(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         return x * float("nan")
+
+
+class _InfBackward(torch.autograd.Function):
+    """Identity forward; backward multiplies the incoming gradient by inf."""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> Tensor:
+        return grad * float("inf")
+
+
+class NaNGradient(Defense):
+    """The identity forward, a non-finite gradient backward (inf, NaN where the gradient is 0).
+
+    Its forward is finite and correct, so only the attack's gradients are broken: a gradient
+    failure, which must never end a run.
+    """
+
+    info = DefenseInfo(stochastic=False, differentiable=True, purifier_calls=0)
+
+    def purify(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        return _InfBackward.apply(x)
+
+
+class GaussianDetach(Defense):
+    """Gaussian noise, then detached: a stochastic defense that cuts the graph."""
+
+    info = DefenseInfo(stochastic=True, differentiable=True, purifier_calls=0)
+
+    def __init__(self, sigma: float = 0.1) -> None:
+        super().__init__()
+        self.sigma = sigma
+
+    def purify(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return (x + self.sigma * noise).clamp(0, 1).detach()
+
+
+class DetachedDecision(Defense):
+    """A defense with its own decision (as CARSO's), whose logits are cut from the input."""
+
+    info = DefenseInfo(stochastic=False, differentiable=True, purifier_calls=0)
+
+    def purify(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        return x
+
+    def predict(
+        self, classifier: nn.Module, x: Tensor, *, generator: torch.Generator | None = None
+    ) -> Tensor:
+        return classifier(x).detach()

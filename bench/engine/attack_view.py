@@ -18,18 +18,27 @@ evaluation reuses (the deterministic white-box setting of Liu et al., ICLR 2025)
 
 The view also counts passes and checks what every component returns: purified images must
 keep the input's shape and dtype, be finite and lie in [0, 1]; logits must be finite and of
-shape ``(N, classes)``; input gradients finite. A violation names the component at fault (the
-defense, or the classifier when finite images gave bad logits), the rule and the stage.
+shape ``(N, classes)``. A violation names the component at fault (the defense, or the
+classifier when finite images gave bad logits), the rule and the stage, and ends the run.
+
+Gradient failures never end a run: they are what a masked or broken defense does to its
+attacker, and an evaluation must finish and say so. When a component cuts the autograd graph,
+the view reconnects the logits to the input with a gradient of exactly zero, so that every
+library's ``torch.autograd.grad`` or ``.backward()`` succeeds; non-finite entries of an input
+gradient are set to zero. :class:`PassCounter` counts the images whose gradient was missing
+(graph cut), zero or non-finite, and the diagnostics read the counts.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.weak import WeakIdKeyDictionary
 
 from common import seeds
 from common.checks import flag, optional_positive_int
@@ -102,26 +111,72 @@ class ViewOptions:
 
 @dataclass
 class PassCounter:
-    """Images pushed through the view, counted per EOT sample.
+    """Images pushed through the view, counted per EOT sample, and the gradients that failed.
 
     Attributes:
         forward: classifier forward passes (images).
         backward: backward passes reaching the input (images).
         purify: calls of the purifier (images), forward only; multiply by the defense's
             ``purifier_calls`` for network evaluations.
+        gradients: input gradients handed back (one per image and backward, whatever the EOT
+            samples: the unit of the three failure counts).
+        grad_missing: of those, images whose logits had no autograd path to the input (the
+            defense or the classifier cut the graph); the attack got a zero gradient.
+        grad_zero: images whose gradient reached the input and was exactly zero everywhere.
+        grad_nonfinite: images whose gradient held NaN or inf; those entries were set to zero.
     """
 
     forward: int = 0
     backward: int = 0
     purify: int = 0
+    gradients: int = 0
+    grad_missing: int = 0
+    grad_zero: int = 0
+    grad_nonfinite: int = 0
 
     def reset(self) -> None:
         """Start counting from zero."""
-        self.forward = self.backward = self.purify = 0
+        for f in fields(self):
+            setattr(self, f.name, 0)
 
     def snapshot(self) -> dict[str, int]:
         """The counts as a dict."""
-        return {"forward": self.forward, "backward": self.backward, "purify": self.purify}
+        return asdict(self)
+
+
+@dataclass
+class _InputWatch:
+    """What the latest forward through the view found about one input tensor.
+
+    Attributes:
+        cut: the logits had no autograd path to the input.
+    """
+
+    cut: bool = False
+
+
+class _Reconnect(torch.autograd.Function):
+    """The logits, unchanged, made to depend on the input with a gradient of exactly zero.
+
+    A defense that cuts the graph (``detach``, ``no_grad``) would make autograd refuse the
+    attacker's ``backward`` (``element 0 of tensors does not require grad``) and end the run;
+    with this link every library sees a zero gradient instead, which the view counts. A custom
+    function rather than ``logits + 0 * x.sum()``: that term is not exactly zero in its gradient
+    when the incoming gradient holds inf (``0 * inf`` is NaN).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, x: Tensor) -> Tensor:
+        """The logits, as a new tensor that depends on ``x``."""
+        ctx.input_like = (x.shape, x.dtype, x.device)
+        return logits.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor]:
+        """The logits' gradient passed on; zeros of the input's shape, dtype and device."""
+        shape, dtype, device = ctx.input_like
+        grad_logits = grad if ctx.needs_input_grad[0] else None
+        return grad_logits, torch.zeros(shape, dtype=dtype, device=device)
 
 
 def auto_chunk(device: torch.device, eot_samples: int) -> int:
@@ -184,6 +239,11 @@ class AttackView(nn.Module):
         self.classifier_name = classifier_name or type(classifier).__name__
         self.stage = "evaluation"
         self.counter = PassCounter()
+        # One gradient hook per input tensor, however often it is forwarded: APGD's EOT loop
+        # forwards the same tensor `eot_iter` times, and a hook per forward would count (and
+        # clean) each later backward several times.
+        self._watches: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._graph_cut = False
         self.reseed(seed)
         self._own_predict = has_own_predict(defense)
         # In a tuple, not registered: the compiled wrapper shares the classifier's parameters.
@@ -239,8 +299,13 @@ class AttackView(nn.Module):
     def sample_logits(self, x: Tensor) -> Tensor:
         """Logits per EOT sample, shape ``(eot_samples, N, num_classes)``."""
         if x.requires_grad and torch.is_grad_enabled():
-            x.register_hook(self._check_grad)
-        elif not torch.is_inference_mode_enabled():
+            watch = self._watch(x)
+            # Set by `_logits_of` when some EOT sample's logits lost their path to the input.
+            self._graph_cut = False
+            out = self._sample_logits(x)
+            watch.cut = self._graph_cut
+            return out
+        if not torch.is_inference_mode_enabled():
             # No gradient can flow back: inference mode skips autograd's bookkeeping (version
             # counters, view tracking). The logits come back as a normal tensor, which callers
             # may modify in place outside inference mode.
@@ -248,6 +313,14 @@ class AttackView(nn.Module):
                 out = self._sample_logits(x)
             return out.clone()
         return self._sample_logits(x)
+
+    def _watch(self, x: Tensor) -> _InputWatch:
+        """The watch of input ``x``, its gradient hook registered on first sight."""
+        watch = self._watches.get(x)
+        if watch is None:
+            watch = self._watches[x] = _InputWatch()
+            x.register_hook(partial(self._check_grad, watch))
+        return watch
 
     def _sample_logits(self, x: Tensor) -> Tensor:
         seeds = self._call_seeds()
@@ -307,26 +380,36 @@ class AttackView(nn.Module):
 
     def _logits_of(self, x: Tensor, seed: int) -> Tensor:
         mode = self.options.grad
-        n = len(x)
-        if mode == "transfer":
-            return self._classify(x)
-        self.counter.purify += n
         needs_grad = x.requires_grad and torch.is_grad_enabled()
-        if self._own_predict:
-            return self._predict_logits(x, seed, mode if needs_grad else "exact")
-        if mode == "exact" or not needs_grad:
-            purified = self._purify(x, seed)
+        if mode == "transfer":
+            logits = carrier = self._classify(x)
+        elif self._own_predict:
+            self.counter.purify += len(x)
+            logits = carrier = self._predict_logits(x, seed, mode if needs_grad else "exact")
         else:
-            with torch.no_grad():
-                real = self._purify(x, seed)
-            if mode == "bpda":
-                stand_in = self.defense.approx(x)
-            else:
-                stand_in = self.defense.surrogate(x, generator=self._generator(seed, x.device))
-            self._check(stand_in, f"its {mode} stand-in")
-            # Forward value of the real purifier, gradient of the stand-in.
-            purified = stand_in + (real - stand_in).detach()
-        return self._classify(purified)
+            self.counter.purify += len(x)
+            carrier = self._purified(x, seed, mode, needs_grad)
+            logits = self._classify(carrier)
+        # The test is on what the defense returned, not only on the logits: a classifier with
+        # trainable parameters keeps its logits in the graph even when the input was cut off.
+        if needs_grad and not (carrier.requires_grad and logits.requires_grad):
+            self._graph_cut = True
+            logits = _Reconnect.apply(logits, x)
+        return logits
+
+    def _purified(self, x: Tensor, seed: int, mode: str, needs_grad: bool) -> Tensor:
+        """The purified images, differentiable as the gradient mode says."""
+        if mode == "exact" or not needs_grad:
+            return self._purify(x, seed)
+        with torch.no_grad():
+            real = self._purify(x, seed)
+        if mode == "bpda":
+            stand_in = self.defense.approx(x)
+        else:
+            stand_in = self.defense.surrogate(x, generator=self._generator(seed, x.device))
+        self._check(stand_in, f"its {mode} stand-in")
+        # Forward value of the real purifier, gradient of the stand-in.
+        return stand_in + (real - stand_in).detach()
 
     def _predict_logits(self, x: Tensor, seed: int, mode: str) -> Tensor:
         """Defenses with their own decision (CARSO): BPDA and surrogate act on the logits."""
@@ -397,11 +480,31 @@ class AttackView(nn.Module):
                 f"finite images {where}: the classifier is broken, not defense {self.name!r}"
             )
 
-    def _check_grad(self, grad: Tensor) -> Tensor:
+    def _check_grad(self, watch: _InputWatch, grad: Tensor) -> Tensor | None:
+        """Count the input gradient of one backward and its failures; zero non-finite entries.
+
+        Returns the cleaned gradient, or ``None`` (unchanged) when it was finite.
+        """
+        n = len(grad)
         # One backward through the view runs through every EOT sample.
-        self.counter.backward += len(grad) * self.eot_samples
-        self._check(grad, "the input gradient")
-        return grad
+        self.counter.backward += n * self.eot_samples
+        self.counter.gradients += n
+        flat = grad.flatten(1)
+        finite = torch.isfinite(flat).all(1)
+        zero = (flat == 0).all(1) & finite
+        # One device sync for both counts.
+        n_finite, n_zero = torch.stack([finite.sum(), zero.sum()]).tolist()
+        nonfinite = n - n_finite
+        self.counter.grad_nonfinite += nonfinite
+        if watch.cut:
+            self.counter.grad_missing += n
+        else:
+            self.counter.grad_zero += n_zero
+        if not nonfinite:
+            return None
+        # A NaN would turn the attack's step, then its images, into NaN: a zero entry is a step
+        # not taken.
+        return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
 
     def extra_repr(self) -> str:
         """Gradient mode, EOT and randomness, for ``print(view)``."""

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from attacks.base import Attack, report
-from bench.engine.attack_view import AttackView
+from bench.engine.attack_view import AttackView, PassCounter
 from bench.engine.decision import Judge, locked_predictions
 from bench.engine.resume import BatchResult, ResumeState
 from bench.engine.threat import check_threat
@@ -27,6 +28,40 @@ log = logging.getLogger(__name__)
 
 # Adversarial images kept per attack for the dashboard's image grid.
 GRID_IMAGES = 8
+
+# The view's counts, summed over batches (older resume checkpoints lack the gradient ones).
+PASS_KEYS = tuple(f.name for f in fields(PassCounter))
+
+
+def gradient_failures(passes: Mapping[str, int]) -> dict[str, int]:
+    """``AttackStats.gradient_failures`` from a view's (summed) pass counts."""
+    return {
+        "missing": passes.get("grad_missing", 0),
+        "zero": passes.get("grad_zero", 0),
+        "nonfinite": passes.get("grad_nonfinite", 0),
+        "gradients": passes.get("gradients", 0),
+    }
+
+
+def gradient_warnings(passes: Mapping[str, int]) -> list[str]:
+    """Warnings for the gradient failures the view saw, in words that carry no counts.
+
+    Without counts, each message stays the same across batches and is kept once; the numbers
+    are in ``gradient_failures``.
+    """
+    failures = gradient_failures(passes)
+    out = []
+    if failures["missing"]:
+        out.append(
+            "gradients unavailable: the defended classifier's autograd graph does not reach the "
+            "input (cut); the view gave the attack gradients of 0 there (see gradient_failures)"
+        )
+    if failures["nonfinite"]:
+        out.append(
+            "non-finite input gradients (NaN or inf): the view set those entries to 0 "
+            "(see gradient_failures)"
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -104,13 +139,14 @@ class AttackRun:
             with torch.inference_mode():
                 believed = self.view(x_adv).argmax(1).cpu()
         said = report(self.attack, len(xb))
+        passes = self.view.counter.snapshot()
         return BatchResult(
             preds=preds,
             worst=worst,
-            passes=self.view.counter.snapshot(),
+            passes=passes,
             judge_purify=self.judge.view.counter.purify,
             wall_s=time.perf_counter() - start,
-            warnings=said.warnings,
+            warnings=[*said.warnings, *gradient_warnings(passes)],
             believed=believed,
             on_path=said.fooled_any if self.track_path else None,
             examples=x_adv[:GRID_IMAGES].cpu() if b == 0 else None,
@@ -143,7 +179,7 @@ class AttackTotals:
         warnings: the attack's warnings, each once.
         believed: the view's own predictions (approximate-gradient attacks), or ``None``.
         on_path: images seen fooled at some iterate, or ``None``.
-        passes: summed pass counts of the attack's view.
+        passes: summed pass and gradient counts of the attack's view.
         judge_purify: purifications spent judging.
         wall_s: seconds in all batches.
         examples: the first adversarial images, or ``None``.
@@ -173,11 +209,13 @@ class AttackTotals:
             warnings=list(dict.fromkeys(w for o in batches for w in o.warnings)),
             believed=cat([o.believed for o in batches]),
             on_path=cat([o.on_path for o in batches]),
-            passes={
-                k: sum(o.passes.get(k, 0) for o in batches)
-                for k in ("forward", "backward", "purify")
-            },
+            passes={k: sum(o.passes.get(k, 0) for o in batches) for k in PASS_KEYS},
             judge_purify=sum(o.judge_purify for o in batches),
             wall_s=sum(o.wall_s for o in batches),
             examples=batches[0].examples if batches else None,
         )
+
+    @property
+    def gradient_failures(self) -> dict[str, int]:
+        """Failed input gradients of the attack's view (``AttackStats.gradient_failures``)."""
+        return gradient_failures(self.passes)

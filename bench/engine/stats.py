@@ -37,7 +37,9 @@ class AttackStats:
         kind: ``white-box``, ``black-box`` or ``transfer``.
         view: how the attack saw the defense (gradient mode, EOT, randomness).
         passes: images pushed through the attack's view: classifier forwards, backwards
-            reaching the input, purifier calls (EOT samples counted one by one).
+            reaching the input, purifier calls (EOT samples counted one by one), and the
+            view's gradient counts (``gradients``, ``grad_missing``, ``grad_zero``,
+            ``grad_nonfinite``; see ``gradient_failures``).
         purifier_calls_per_image: purifier network evaluations per attacked image, the
             attack's and its judging's together (``passes.purify`` times the defense's NFE).
         peak_memory_mb: peak memory during the attack (CUDA allocator on GPU; the process's
@@ -46,6 +48,10 @@ class AttackStats:
             and transfer attacks only).
         transfer_failure: fraction of those that the real defense classified correctly.
         broken_on_path: images the attack saw fooled at some iterate (attacks that track it).
+        gradient_failures: input gradients the attack's view handed back that had failed,
+            counted per image and backward: ``missing`` (the graph was cut: the attack got
+            zeros), ``zero`` (exactly zero everywhere), ``nonfinite`` (NaN or inf, set to
+            zero), out of ``gradients``. Empty in records written before it was counted.
     """
 
     target: str
@@ -61,3 +67,4 @@ class AttackStats:
     believed_fooled: int | None = None
     transfer_failure: float | None = None
     broken_on_path: int | None = None
+    gradient_failures: dict[str, int] = field(default_factory=dict)
