@@ -160,6 +160,7 @@ def _fill(record: RunRecord, plan: Plan, outcome: Outcome, wall_s: float) -> Non
     if outcome.per_sample is not None:
         record.per_sample_file = PER_SAMPLE_NAME
     record.diagnostics, record.verdict = outcome.diagnostics, outcome.verdict
+    record.escalation = outcome.escalation
     record.finished = datetime.now(UTC).isoformat(timespec="seconds")
     record.defense_info["calls_per_purify"] = plan.defense.calls_per_purify
     record.wall_s = wall_s

@@ -44,6 +44,9 @@ def fast_overrides(cache_dir: Path, results_dir: Path) -> list[str]:
         "classifier.recipe.epochs=10",
         "classifier.recipe.lr=0.1",
         "classifier.recipe.batch_size=64",
+        # Escalation as the default runs it, on a budget that keeps a test in seconds.
+        "escalation.max_levels=2",
+        "escalation.calls_cap=1000",
         f"paths.cache_dir={cache_dir}",
         f"paths.results_dir={results_dir}",
     ]

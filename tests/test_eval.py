@@ -35,7 +35,9 @@ def test_end_to_end_on_digits(compose_cfg, cache_dir: Path, tmp_path: Path) -> N
     assert saved["classifier_info"]["training"]["test_clean_acc"] > 0.8
 
     assert record.clean_acc.value > 0.8
-    assert set(record.attacks) == {"pgd", "apgd_ce"}
+    # The suite's attacks, then the escalation's levels of its lead PGD.
+    assert set(record.attacks) - {"escalate@1", "escalate@2"} == {"pgd", "apgd_ce"}
+    assert "escalate@1" in record.attacks and record.escalation["lead"] == "pgd"
     for result in record.attacks.values():
         assert result.robust_acc.value <= record.clean_acc.value
         assert result.max_perturbation <= 0.1 + 1e-6

@@ -111,8 +111,10 @@ class Ledger:
         alive = torch.ones(self.draws, self.n, dtype=torch.bool)
         vote = torch.ones(self.n, dtype=torch.bool)
         for s in stages:
-            alive &= s.correct
-            vote &= s.vote_correct
+            # An image a stage did not look at keeps what the other stages say: it was broken
+            # already, or the attack ran on a capped slice (``max_images``) without it.
+            alive &= s.correct | ~s.attacked
+            vote &= s.vote_correct | ~s.attacked
         return {
             "single": alive[0],
             "avg": alive.float().mean(0),
@@ -129,9 +131,12 @@ class Ledger:
         stages = self.stages if names is None else [s for s in self.stages if s.name in names]
         return self._flags(stages)
 
-    def alive(self) -> Tensor:
-        """Images still robust under at least one rule: the ones later attacks must look at."""
-        f = self._flags(self.stages)
+    def alive(self, names: list[str] | None = None) -> Tensor:
+        """Images still robust under at least one rule over the named stages (all: ``None``).
+
+        Over all stages, the images later attacks of a cascade must look at.
+        """
+        f = self.flags(names)
         return (f["avg"] > 0) | f["vote"]
 
     def tallies(self, names: list[str] | None = None) -> dict[str, Tally]:

@@ -1,13 +1,20 @@
 """Diagnostics that say when an evaluation is not to be trusted.
 
 Every run ends with these checks on a small slice of its clean-correct images; each gives a
-``passed`` flag, the measured value and a sentence. The run's verdict is ``"ok"`` or the list
-of failed checks, and the leaderboard shows it.
+``passed`` flag, the measured value and a sentence. A failed check (other than the soft
+:data:`SOFT_CHECKS`) makes the row ``failed``; the runner puts the checks and the escalation
+together into the row's state (:func:`bench.engine.escalation.state`).
 
 Checks (thresholds are documented here and nowhere else):
 
 * ``aa_randomized``, ``aa_zero_gradients``, ``aa_square``, ``aa_dynamic``: AutoAttack's own
   flags (Croce & Hein 2020, ``flags_doc.md``), read from the warnings its checks logged.
+  ``aa_zero_gradients`` (AutoAttack's loss had gradients of zero) passes when the margin-loss
+  gradient reaches every image in every gradient mode (``unavailable_gradients``): the loss
+  saturated, not the defense's gradients, and the suite's margin-loss attacks cover them.
+* ``gradient_failures``: an attack's view saw missing (graph cut) or non-finite input gradients
+  and replaced them by zeros so that the attack went on (no gradient failure ends a run); any
+  such image-gradient fails: the attack measured nothing on those images.
 * ``randomness``: five forward passes on the same images; outputs that differ on a defense that
   declares itself deterministic, or agree on one that declares itself stochastic, fail.
 * ``unavailable_gradients[<mode>]``: per gradient mode of the suite, the fraction of images
@@ -22,17 +29,15 @@ Checks (thresholds are documented here and nowhere else):
 * ``eps_monotone``: accuracy under the probe attack at eps x ``eps_factors`` and unbounded must
   not rise with eps by more than the tolerance (one image, plus two standard errors of the
   repeated judging for stochastic defenses).
-* ``more_steps``: doubling the probe's steps must not raise accuracy beyond the tolerance.
-* ``more_eot``: for stochastic defenses, doubling the probe's EOT samples must not either.
 * ``silent_success``: the probe saw a fooled iterate that its last iterate lost, while the suite
   holds an attack that returns its last iterate; fails when any image is affected.
-* ``incomplete_optimization``: doubling the probe's steps lowered accuracy by more than the
-  tolerance (the attack had not converged). Pintor et al.'s loss indicator (the share of
-  unfooled images whose normalised, monotonised loss still rose by more than 0.05 over the last
-  10% of steps) is reported beside it: alone it fires on every point fixed-step PGD cannot fool.
-* ``unstable_predictions``: the probe view's prediction changes across ``repeats`` evaluations
-  of the same image on more than 10% of the images: its gradients are noise (more EOT is
-  needed). The relative standard deviation of its loss is reported beside it.
+* ``unstable_predictions``: the prediction of the view the escalation ended with (its last
+  level's EOT; the probe's without escalation) changes across ``repeats`` evaluations of the
+  same image on more than 10% of the images: its gradients are noise (more EOT is needed). The
+  relative standard deviation of its loss is reported beside it. It is the one *soft* check
+  (:data:`SOFT_CHECKS`): it says the number is loose, not that the evaluation is broken, and
+  makes a row ``bound`` rather than ``failed``.
+
 * ``transfer_failure``: an approximate-gradient or transfer attack's fooled images did not
   fool the real defense (more than 10% of them) while the suite has no exact-gradient attack.
 * ``blackbox_beats_whitebox``: a black-box or transfer attack broke images (most of their
@@ -40,6 +45,10 @@ Checks (thresholds are documented here and nowhere else):
   of the subset and, for stochastic defenses, more than chance alone explains (the expected
   count from the survivors' own per-draw accuracies, plus two standard deviations): gradient
   masking.
+
+Whether the attacks had converged (more steps, more EOT, more restarts on the images still
+robust) is not a check here: the escalation (:mod:`bench.engine.escalation`) answers it by
+attacking harder until the number stops moving, and records the path.
 """
 
 from __future__ import annotations
@@ -57,11 +66,15 @@ from torch import Tensor, nn
 from attacks.pgd_eot import PGDEOT, margin_loss
 from bench.engine.attack_view import AttackView, ViewOptions
 from bench.engine.decision import Judge, Ledger
+from bench.engine.escalation import STAGE
 from bench.engine.stats import AttackStats
 from common import seeds
 from common.checks import flag, positive_int
 from common.errors import ConfigError
 from defenses.base import Defense
+
+# Failed checks that only say the number is loose (an upper bound), not that it is wrong.
+SOFT_CHECKS = ("unstable_predictions",)
 
 _AA_FLAGS = {
     "aa_randomized": "randomized defense",
@@ -135,6 +148,7 @@ class DiagnosisInput:
     num_classes: int
     seed: int
     batch_size: int
+    escalated: ViewOptions | None = None  # the last escalation level's view
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -142,21 +156,24 @@ def _check(passed: bool | None, value: Any, detail: str) -> dict[str, Any]:
     return {"passed": passed, "value": value, "detail": detail}
 
 
-def verdict(diagnostics: Mapping[str, Any]) -> str | list[str]:
-    """``"ok"`` when no check failed, else the sorted names of the failed checks."""
-    failed = sorted(k for k, c in diagnostics.get("checks", {}).items() if c["passed"] is False)
-    return failed or "ok"
+def failed_checks(diagnostics: Mapping[str, Any]) -> list[str]:
+    """The sorted names of the checks that failed."""
+    return sorted(k for k, c in diagnostics.get("checks", {}).items() if c["passed"] is False)
 
 
 def margin_gradient_norms(view: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """Per-image L2 norm of the margin-loss gradient through ``view`` (NaN: graph cut)."""
     x = x.clone().requires_grad_(True)
+    # The harness's view bridges a cut graph with a zero gradient (so that no attack library
+    # raises) and counts it: a count that rose here is a cut, not a zero.
+    counter = getattr(view, "counter", None)
+    before = counter.grad_missing if counter is not None else 0
     with torch.enable_grad():
         loss = margin_loss(view(x), y).sum()
         if not loss.requires_grad:
             return torch.full((len(x),), math.nan)
         (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
-    if grad is None:
+    if grad is None or (counter is not None and counter.grad_missing > before):
         return torch.full((len(x),), math.nan)
     return grad.flatten(1).norm(dim=1).detach().cpu()
 
@@ -169,11 +186,13 @@ class _Diagnosis:
         self.stochastic = self.info.stochastic
         self.checks: dict[str, dict[str, Any]] = {}
         self._seed = seeds.diagnostics(inp.seed)
-        self._climbing: float | None = None  # Pintor's loss indicator, set by the sweep
+        self._views: list[AttackView] = []
         # The probe attacks as the strongest white-box attack of the suite saw the defense:
         # exact gradients and fresh randomness first, then the most EOT samples (a
         # single-sample view of a stochastic defense would make every check measure noise).
-        white = [n for n in inp.views if inp.kinds[n] == "white-box"]
+        # The escalation's levels are the lead attack at larger budgets: the probe stays at the
+        # suite's own budget (the eps sweep runs it five times).
+        white = [n for n in inp.views if inp.kinds[n] == "white-box" and not n.startswith(STAGE)]
         white.sort(
             key=lambda n: (
                 inp.views[n].grad != "exact",
@@ -198,6 +217,7 @@ class _Diagnosis:
             self.inp.classifier, self.inp.defense, options, seed=self._seed, name=self.inp.name
         )
         view.stage = "diagnostics"
+        self._views.append(view)
         return view.eval()
 
     def _judge(self) -> Judge:
@@ -300,8 +320,52 @@ class _Diagnosis:
                 frac == 0.0, frac, detail + detail_err
             )
 
+    def gradient_failures(self) -> None:
+        """Missing or non-finite input gradients seen by any white-box attack of the run.
+
+        The view replaced them by zeros so that the attack could go on; the number it reached
+        on those images measures nothing.
+        """
+        counts = {
+            n: r.gradient_failures
+            for n, r in self.inp.results.items()
+            if getattr(r, "gradient_failures", None)
+        }
+        if not counts:
+            return
+        bad = {
+            n: {k: c.get(k, 0) for k in ("missing", "nonfinite") if c.get(k, 0)}
+            for n, c in counts.items()
+        }
+        bad = {n: v for n, v in bad.items() if v}
+        self.checks["gradient_failures"] = _check(
+            not bad,
+            counts,
+            "every attack's input gradients were present and finite"
+            if not bad
+            else "image-gradients missing (graph cut) or non-finite, replaced by zeros: "
+            + ", ".join(f"{n} {v}" for n, v in bad.items()),
+        )
+
+    def saturation(self) -> None:
+        """AutoAttack's zero-gradient flag, read beside the margin-loss gradients.
+
+        AutoAttack's check reads its loss's gradient, which is zero wherever the output saturated
+        (CARSO's aggregate); when the margin loss's gradient reaches every image in every mode,
+        the defense's gradients are available and the suite's margin attacks use them.
+        """
+        aa = self.checks.get("aa_zero_gradients")
+        grads = [c for k, c in self.checks.items() if k.startswith("unavailable_gradients[")]
+        if aa is None or aa["passed"] or not grads or not all(c["passed"] for c in grads):
+            return
+        aa["passed"] = True
+        aa["detail"] += (
+            "; the margin-loss gradient reaches every image (unavailable_gradients passed): the "
+            "cross-entropy saturated, the gradients are not masked"
+        )
+
     def sweep(self) -> None:
-        """Eps sweep, unbounded attack, more steps, more EOT and the IoAF path indicators."""
+        """Eps sweep, unbounded attack and the silent-success path indicator."""
         eps, steps = self.inp.eps, self.cfg.steps
         cap = 1.0 if self.inp.norm == "Linf" else math.sqrt(self.x[0].numel())
         accs: dict[float, float] = {}
@@ -332,29 +396,8 @@ class _Diagnosis:
             if not rises
             else f"accuracy rises with eps between {rises[0][0]:.4g} and {rises[0][1]:.4g}",
         )
-        base = accs[min(eps, cap)]
-        # The same step size for twice the steps: the longer run extends the shorter one (same
-        # seeded start), so on a deterministic defense its best iterate can only be stronger.
-        # (With PGD's default 2.5 * eps / steps, doubling the steps halves the step and may
-        # legitimately find less in a non-convex landscape.)
-        more, _ = self._probe_accuracy(eps=eps, steps=2 * steps, step_size=2.5 * eps / steps)
-        self.checks["more_steps"] = _check(
-            more <= base + self.tolerance,
-            {"steps": steps, "acc": base, "steps_x2": 2 * steps, "acc_x2": more},
-            f"PGD-{steps}: {base:.1%}, PGD-{2 * steps}: {more:.1%}",
-        )
-        if self.stochastic and self.probe_options.grad != "transfer":
-            k = self.probe_options.eot_samples or 1
-            opts = replace(self.probe_options, eot_samples=2 * k)
-            more_eot, _ = self._probe_accuracy(eps=eps, steps=steps, options=opts)
-            self.checks["more_eot"] = _check(
-                more_eot <= base + self.tolerance,
-                {"eot": k, "acc": base, "eot_x2": 2 * k, "acc_x2": more_eot},
-                f"EOT-{k}: {base:.1%}, EOT-{2 * k}: {more_eot:.1%}",
-            )
         if probe_at_eps is not None:
             self._path_indicators(probe_at_eps)
-        self._incomplete(base, more, steps)
 
     def _path_indicators(self, attack: PGDEOT) -> None:
         # The probe is the harness's PGDEOT: its histories cover its last batch.
@@ -370,34 +413,11 @@ class _Diagnosis:
             f"{lost.sum().item()} images fooled along the probe's path but not at its last "
             f"iterate; attacks returning their last iterate: {returns_last or 'none'}",
         )
-        survivors = ~fooled.any(0)
-        if survivors.any():
-            path = losses[:, survivors].cummax(0).values
-            low, high = path[0], path[-1]
-            norm = (path - low) / (high - low).clamp_min(1e-12)
-            window = max(1, math.ceil(0.1 * (len(path) - 1)))
-            still = (norm[-1] - norm[-1 - window]) > 0.05
-            self._climbing = still.float().mean().item()
-        else:
-            self._climbing = 0.0
-
-    def _incomplete(self, base: float, more: float, steps: int) -> None:
-        # Pintor et al.'s loss indicator fires on any loss still rising, which fixed-step PGD
-        # shows on points it can never fool; what matters is whether more steps break more
-        # images, so that decides and the loss indicator is reported beside it.
-        climbing = self._climbing
-        converged = more >= base - self.tolerance
-        verb = "did not beat" if converged else "broke more images than"
-        self.checks["incomplete_optimization"] = _check(
-            converged,
-            {"acc": base, "acc_x2": more, "loss_still_rising": climbing},
-            f"PGD-{2 * steps} {verb} PGD-{steps} ({more:.1%} vs {base:.1%}); the loss still rose "
-            f"over the last 10% of steps on {climbing or 0:.0%} of the unfooled images",
-        )
 
     @torch.inference_mode()
     def stability(self) -> None:
-        view = self._view(self.probe_options)
+        options = self.inp.escalated or self.probe_options
+        view = self._view(options)
         xb, yb = self.x[:32].to(self.inp.device), self.y[:32].to(self.inp.device)
         logits = torch.stack([view(xb) for _ in range(self.cfg.repeats)])
         flips = (logits.argmax(2) != logits[0].argmax(1)).any(0).float().mean().item()
@@ -408,7 +428,7 @@ class _Diagnosis:
             flips <= 0.1,
             {"flipping": flips, "loss_relative_std": rel},
             f"the attack view's prediction changed across {self.cfg.repeats} evaluations of the "
-            f"same image on {flips:.0%} of the images (EOT {self.probe_options.eot_samples}; "
+            f"same image on {flips:.0%} of the images (EOT {options.eot_samples}; "
             f"relative std of its loss {rel:.3f})",
         )
 
@@ -485,11 +505,13 @@ def diagnose(inp: DiagnosisInput, cfg: DiagnosticsConfig) -> dict[str, Any]:
     """Run every diagnostic; return ``{"checks": {...}, "probe": ..., "n_samples": ...}``."""
     d = _Diagnosis(inp, cfg)
     d.autoattack_flags()
+    d.gradient_failures()
     d.transfer()
     d.blackbox()
     if len(d.x):
         d.randomness()
         d.gradients()
+        d.saturation()
         d.sweep()
         d.stability()
     return {
@@ -497,4 +519,5 @@ def diagnose(inp: DiagnosisInput, cfg: DiagnosticsConfig) -> dict[str, Any]:
         "probe": {"from_attack": d.probe_from, "view": d.probe_options.to_dict()},
         "n_samples": len(d.x),
         "tolerance": d.tolerance,
+        "purifications": sum(v.counter.purify for v in d._views),
     }

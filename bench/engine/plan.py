@@ -25,12 +25,14 @@ from omegaconf.errors import MissingMandatoryValue
 from torch import Tensor
 
 from attacks.base import NORMS, Attack, Traits, traits
+from attacks.pgd_eot import PGDEOT
 from bench.config import CONF_DIR
 from bench.data import ImageDataset, eval_subset
 from bench.devices import resolve_device
 from bench.engine.attack_view import AttackView, ViewOptions
 from bench.engine.decision import RULES, SUCCESS_AT
 from bench.engine.diagnostics import DiagnosticsConfig
+from bench.engine.escalation import Budget, EscalationConfig, base_budget
 from bench.engine.fingerprint import fingerprint
 from bench.engine.threat import check_budget
 from bench.models.classifiers import ClassifierSource
@@ -56,6 +58,11 @@ DECISION_KEYS = ("draws", "vote", "headline", "success_at")
 THREAT_KEYS = ("norm", "eps")
 # The key of an attack's config that says how it sees the defense (not a constructor argument).
 VIEW_KEY = "view"
+# The key that caps the images an attack runs on (the first ones of those it must see): a
+# black-box check sized to what it is for (gradient masking), not to the subset.
+IMAGES_KEY = "max_images"
+# The harness's PGD, the attack the escalation strengthens.
+PGDEOT_TARGET = "attacks.pgd_eot.PGDEOT"
 
 
 @dataclass(frozen=True)
@@ -85,12 +92,15 @@ class AttackPlan:
         view: how it sees the defense (its own ``view``, the suite's, EOT resolved).
         traits: what it declares about itself (:func:`attacks.base.traits`).
         target: its ``_target_``.
+        max_images: attack at most this many of the images it must see (the first ones);
+            ``None``: all.
     """
 
     make: Callable[..., Attack]
     view: ViewOptions
     traits: Traits
     target: str
+    max_images: int | None = None
 
     @property
     def kind(self) -> str:
@@ -118,9 +128,27 @@ class Plan:
     decision: Decision
     cascade: bool
     diagnostics: DiagnosticsConfig
+    escalation: EscalationConfig
+    lead: Lead | None
     fingerprint: str
     shard: dict[str, int] | None = None
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Lead:
+    """The attack the escalation strengthens (:mod:`bench.engine.escalation`).
+
+    Attributes:
+        name: its name in the suite, or ``None`` for the harness's default PGD (a suite
+            without a harness PGD, such as AutoAttack alone).
+        spec: its plan at the suite's budget.
+        base: that budget (level 0).
+    """
+
+    name: str | None
+    spec: AttackPlan
+    base: Budget
 
 
 class _Probe(torch.nn.Module):
@@ -163,9 +191,7 @@ def check_scalars(cfg: DictConfig) -> None:
     integer("subset_seed", cfg.subset_seed, minimum=0)
     positive_int("batch_size", cfg.batch_size)
     positive_int("eot_default", cfg.eot_default)
-    threads = optional_positive_int("threads", cfg.get("threads"))
-    if threads is not None:
-        torch.set_num_threads(threads)
+    optional_positive_int("threads", cfg.get("threads"))
     paper = cfg.get("paper")
     if paper is not None and not OmegaConf.is_dict(paper):
         raise ConfigError(f"paper={paper!r} is not allowed; it must be null or a mapping")
@@ -248,21 +274,24 @@ def declared_view(cfg: DictConfig, name: str) -> dict[str, Any]:
 
 
 def attack_partial(node: DictConfig, name: str) -> Callable[..., Attack]:
-    """The attack's partial: its config without its ``view`` (not a constructor argument)."""
+    """The attack's partial: its config without ``view`` and ``max_images`` (the harness's)."""
     args = OmegaConf.to_container(node, resolve=True)
     args.pop(VIEW_KEY, None)
+    args.pop(IMAGES_KEY, None)
     return instantiate_checked(args, f"attack {name!r}")
 
 
 def view_of(
-    cfg: DictConfig, name: str, probe: Any, defense: Defense, warnings: list[str]
+    cfg: DictConfig, name: str, internal_eot: int, defense: Defense, warnings: list[str]
 ) -> ViewOptions:
-    """How attack ``name`` sees the defense (:func:`declared_view`), EOT resolved."""
+    """How attack ``name`` sees the defense (:func:`declared_view`), EOT resolved.
+
+    ``internal_eot`` is the gradient samples the attack averages itself (its traits).
+    """
     merged = declared_view(cfg, name)
     known_keys(f"view options of attack {name!r}", merged, [f.name for f in fields(ViewOptions)])
     options = ViewOptions(**merged)
     options.validate()
-    internal_eot = traits(probe, name).internal_eot
     if options.eot_samples is None:
         stochastic = type(defense).info.stochastic and options.grad != "transfer"
         # An attack that averages gradients itself (AutoAttack rand's eot_iter) gets a plain view.
@@ -294,9 +323,13 @@ def attack_of(
         probe = make(model=_Probe())
     except (TypeError, ValueError) as err:
         raise ConfigError(f"attack {name!r}: {err}") from err
-    view = view_of(cfg, name, probe, defense, warnings)
+    declared = traits(probe, name)
+    view = view_of(cfg, name, declared.internal_eot, defense, warnings)
     AttackView(_Probe(), defense, view)  # refuses grad=exact on a masked defense
-    return AttackPlan(make=make, view=view, traits=traits(probe, name), target=str(node._target_))
+    limit = optional_positive_int(f"attack {name!r} {IMAGES_KEY}", node.get(IMAGES_KEY))
+    return AttackPlan(
+        make=make, view=view, traits=declared, target=str(node._target_), max_images=limit
+    )
 
 
 def attacks_of(cfg: DictConfig, defense: Defense, warnings: list[str]) -> dict[str, AttackPlan]:
@@ -315,6 +348,56 @@ def attacks_of(cfg: DictConfig, defense: Defense, warnings: list[str]) -> dict[s
             f"{', '.join(attacks) or 'none'}"
         )
     return {name: attack_of(cfg, name, node, defense, warnings) for name, node in attacks.items()}
+
+
+def _lead_rank(spec: AttackPlan) -> tuple:
+    kw = spec.make.keywords
+    # Exact gradients and fresh noise first (the white-box attacker of the threat model), a
+    # plain loss before a defense-aware one, then the most EOT samples.
+    return (
+        spec.view.grad != "exact",
+        spec.view.randomness != "fresh",
+        bool(kw.get("defense_loss_weight")),
+        -(spec.view.eot_samples or 1),
+    )
+
+
+def lead_of(cfg: DictConfig, attacks: Mapping[str, AttackPlan], defense: Defense) -> Lead | None:
+    """The suite's lead white-box attack: the harness's PGD that sees the defense best.
+
+    A suite without one escalates the harness's PGD (CE then margin) on the default view.
+    """
+    if not attacks:
+        return None
+    candidates = [
+        n
+        for n, a in attacks.items()
+        if a.target == PGDEOT_TARGET and a.kind == "white-box" and a.view.grad != "transfer"
+    ]
+    if candidates:
+        name = min(candidates, key=lambda n: _lead_rank(attacks[n]))
+        spec = attacks[name]
+    else:
+        name = None
+        info = type(defense).info
+        grad = "exact" if info.differentiable else "bpda"
+        eot = int(cfg.eot_default) if info.stochastic else 1
+        make = functools.partial(
+            PGDEOT,
+            norm=cfg.threat.norm,
+            eps=cfg.threat.eps,
+            steps=20,
+            restarts=2,
+            loss=["ce", "margin"],
+            seed=int(cfg.seed),
+        )
+        spec = AttackPlan(
+            make=make,
+            view=ViewOptions(grad=grad, eot_samples=eot),
+            traits=traits(PGDEOT, "pgd"),
+            target=PGDEOT_TARGET,
+        )
+    return Lead(name, spec, base_budget(spec.make.keywords, int(spec.view.eot_samples or 1)))
 
 
 def subset_of(cfg: DictConfig, dataset: ImageDataset, shard: dict[str, int] | None) -> Tensor:
@@ -344,6 +427,8 @@ def make_plan(cfg: DictConfig, name: str, classifier_name: str) -> Plan:
     """
     check_keys(cfg)
     check_scalars(cfg)
+    if cfg.get("threads") is not None:
+        torch.set_num_threads(int(cfg.threads))
     norm, eps = threat_of(cfg)
     choice("threat.norm", norm, NORMS)
     real("threat.eps", eps, "> 0", lambda v: v > 0)  # its cap needs the images: checked below
@@ -355,6 +440,7 @@ def make_plan(cfg: DictConfig, name: str, classifier_name: str) -> Plan:
     attacks = attacks_of(cfg, defense, warnings)
     decision = decision_of(cfg, defense)
     diagnostics = DiagnosticsConfig.from_cfg(cfg.get("diagnostics"))
+    escalation = EscalationConfig.from_cfg(cfg.get("escalation"))
     dataset = instantiate_checked(cfg.dataset, "dataset")
     norm, eps = check_budget(norm, eps, tuple(dataset.shape))
     classifier = instantiate_checked(cfg.classifier, "classifier")
@@ -379,6 +465,8 @@ def make_plan(cfg: DictConfig, name: str, classifier_name: str) -> Plan:
         decision=decision,
         cascade=bool(cfg.suite.get("cascade", True)),
         diagnostics=diagnostics,
+        escalation=escalation,
+        lead=lead_of(cfg, attacks, defense) if escalation.enabled else None,
         fingerprint=fingerprint(cfg, weights),
         shard=shard,
         warnings=warnings,

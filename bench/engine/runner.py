@@ -5,8 +5,11 @@
 2. **clean**: every image judged with ``draws`` fresh purifications;
 3. **attacks**: each attack of the suite on the images still robust (a cascade) or on every
    clean-correct one, batch by batch, each batch checked against the threat and judged;
-4. **summary**: robust counts under every rule, cost, the per-image table;
-5. **diagnostics**: the checks that say whether the evaluation can be trusted.
+4. **escalation**: the lead white-box attack again on the white-box survivors, with a larger
+   budget per level, until the headline accuracy stops moving (:mod:`bench.engine.escalation`);
+5. **summary**: robust counts under every rule, cost, the per-image table;
+6. **diagnostics**: the checks that say whether the evaluation can be trusted, and the row's
+   state (``converged``, ``bound`` or ``failed``).
 
 The outcome is filled as the stages go, so a run that fails midway still reports what it did.
 The runner counts; turning counts into accuracies and records is :mod:`bench.reporting`'s job.
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,16 @@ from bench.devices import peak_memory_mb, reset_peak_memory
 from bench.engine.attack_view import AttackView, ViewOptions
 from bench.engine.attacking import GRID_IMAGES, AttackRun, AttackSeeds, AttackTotals
 from bench.engine.decision import Judge, Ledger
-from bench.engine.diagnostics import DiagnosisInput, diagnose, verdict
+from bench.engine.diagnostics import SOFT_CHECKS, DiagnosisInput, diagnose, failed_checks
+from bench.engine.escalation import (
+    STAGE,
+    Escalation,
+    Level,
+    escalated_partial,
+    estimate,
+    level_budget,
+)
+from bench.engine.escalation import state as row_state
 from bench.engine.plan import AttackPlan, Plan
 from bench.engine.resume import ResumeState
 from bench.engine.stats import AttackStats, Tally
@@ -49,7 +61,8 @@ class Outcome:
             and the attacks up to it.
         robust: the count under every rule over every stage (``None`` for a clean-only suite).
         diagnostics: the checks and the probe's description.
-        verdict: ``ok``, the failed checks, or ``not run``.
+        escalation: the escalation path (:meth:`Escalation.to_dict`), empty when not run.
+        verdict: ``converged``, ``bound``, the failed checks (``failed``), or ``not run``.
         cost: ``setup_s``, purifier calls per image, peak memory.
         per_sample: one column per fact, one row per image.
         examples: a few images per stage for the dashboard.
@@ -61,6 +74,7 @@ class Outcome:
     attacks: dict[str, tuple[AttackStats, dict[str, Tally]]] = field(default_factory=dict)
     robust: dict[str, Tally] | None = None
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    escalation: dict[str, Any] = field(default_factory=dict)
     verdict: str | list[str] = "not run"
     cost: dict[str, Any] = field(default_factory=dict)
     per_sample: dict[str, list] | None = None
@@ -83,16 +97,28 @@ class Runner:
         self.state = ResumeState(resume, plan.fingerprint, (plan.decision.draws, len(plan.indices)))
         self.phase_peaks: list[float] = []
         self.total_purify = 0
+        self.path: Escalation | None = None
+        self.views: dict[str, ViewOptions] = {}  # every stage's view, escalation levels too
 
     def run(self) -> Outcome:
         """Every stage in order; the outcome is complete when this returns."""
         self.setup()
         self.judge_clean()
+        clock = time.perf_counter()
         for k, (name, spec) in enumerate(self.plan.attacks.items()):
             self.attack(k, name, spec)
+        self.outcome.cost["attacks_s"] = time.perf_counter() - clock
+        if self.plan.lead is not None:
+            clock = time.perf_counter()
+            self.escalate()
+            self.outcome.cost["escalation_s"] = time.perf_counter() - clock
         self.summarize()
         if self.plan.diagnostics.enabled and self.plan.attacks:
+            clock = time.perf_counter()
             self.diagnose()
+            self.outcome.cost["diagnostics_s"] = time.perf_counter() - clock
+        elif self.path is not None:
+            self.outcome.verdict = self.path.state
         return self.outcome
 
     def clear(self) -> None:
@@ -104,6 +130,7 @@ class Runner:
     def setup(self) -> None:
         """Load the subset, the classifier and the defense's parts (training what is missing)."""
         p = self.plan
+        cpu = time.process_time()
         x_test, y_test = p.dataset.test()
         self.x, self.y = x_test[p.indices], y_test[p.indices]
         self.classifier: nn.Module = p.classifier.load(p.dataset, p.device)
@@ -117,6 +144,8 @@ class Runner:
             classifier_info=self.outcome.classifier_info,
         )
         self.outcome.cost["setup_s"] = time.perf_counter() - self.start
+        # This process's CPU time for the same work (make perf's CPU clock subtracts it).
+        self.outcome.cost["setup_cpu_s"] = time.process_time() - cpu
         self.defense = p.defense.to(p.device).eval()
         eval_view = self._view(
             ViewOptions(eot_samples=1, allow_masked=True), seeds.evaluation(p.seed)
@@ -128,9 +157,11 @@ class Runner:
     def judge_clean(self) -> None:
         """Judge every clean image ``draws`` times (or take the judgement from the checkpoint)."""
         p, state = self.plan, self.state
+        clock = time.perf_counter()
         if state.clean is None:
             self.judge.view.reseed(seeds.evaluation(p.seed))
             state.save_clean(self.judge.predictions(self.x, p.device))
+        self.outcome.cost["clean_s"] = time.perf_counter() - clock
         attacked = torch.ones(len(self.y), dtype=torch.bool)
         self.clean_stage = self.ledger.add("clean", state.clean, attacked)
         self.outcome.clean = self.ledger.tallies(["clean"])
@@ -146,14 +177,23 @@ class Runner:
         self.total_purify = len(self.y) * p.decision.draws
         self.outcome.examples["clean"] = self.x[:GRID_IMAGES].clone()
 
-    def attack(self, k: int, name: str, spec: AttackPlan) -> None:
-        """Run attack ``k`` on the images it must see, judge them, and record its outcome."""
+    def attack(
+        self, k: int, name: str, spec: AttackPlan, mask: Tensor | None = None
+    ) -> AttackStats:
+        """Run attack ``k`` on the images it must see, judge them, and record its outcome.
+
+        ``mask`` overrides which images it attacks (the escalation's white-box survivors).
+        """
         p = self.plan
         attack_seeds = AttackSeeds.of(p.seed, k)
         view = self._view(spec.view, attack_seeds.view).eval()
         view.stage = f"attack {name!r}"
         self.judge.view.stage = f"judging attack {name!r}"
-        mask = self.ledger.alive() if p.cascade else self.clean_only
+        if mask is None:
+            mask = self.ledger.alive() if p.cascade else self.clean_only
+        if spec.max_images is not None and int(mask.sum()) > spec.max_images:
+            keep = mask.nonzero().squeeze(1)[: spec.max_images]
+            mask = torch.zeros_like(mask).index_fill_(0, keep, True)
         targets = mask.nonzero().squeeze(1)
         run = AttackRun(
             name=name,
@@ -173,9 +213,14 @@ class Runner:
         totals = AttackTotals.of(batches, p.decision.draws)
         self._keep_examples(name, totals)
         self.ledger.add(name, totals.preds, mask, totals.on_path)
-        tallies = self.ledger.tallies(["clean", name])
+        # After this attack: cumulative over every stage so far in a cascade and in the
+        # escalation (which attack survivors), this attack alone on the clean-correct otherwise.
+        cumulative = p.cascade or name.startswith(STAGE)
+        tallies = self.ledger.tallies(None if cumulative else ["clean", name])
         stats = self._stats(spec, view, targets, totals)
+        self.total_purify += totals.passes["purify"] + totals.judge_purify
         self.outcome.attacks[name] = (stats, tallies)
+        self.views[name] = view.options
         head = tallies[p.decision.headline]
         log.info(
             "%s: robust accuracy %.2f%% (%s, %.0f s)",
@@ -186,6 +231,60 @@ class Runner:
         )
         for w in totals.warnings:
             log.warning("%s: %s", name, w)
+        return stats
+
+    def escalate(self) -> None:
+        """Strengthen the lead attack on the white-box survivors until the number stops moving."""
+        p, cfg, lead = self.plan, self.plan.escalation, self.plan.lead
+        assert lead is not None
+        n = len(self.y)
+        path = self.path = Escalation(lead.name, p.decision.headline, n)
+        suite_s = sum(stats.wall_s for stats, _ in self.outcome.attacks.values())
+        path.levels.append(
+            Level(0, lead.base.to_dict(), n, self.total_purify, suite_s, self._rules())
+        )
+        stochastic = type(self.defense).info.stochastic
+        for level in range(1, cfg.max_levels + 1):
+            mask = self._white_survivors()
+            budget = level_budget(
+                lead.base, level, cfg, stochastic=stochastic, num_classes=p.dataset.num_classes
+            )
+            if not mask.any():
+                path.state, path.reason = "converged", "no image survived the white-box attacks"
+                break
+            cost = estimate(budget, int(mask.sum()), p.decision.draws)
+            if cfg.calls_cap is not None and (self.total_purify + cost) / n > cfg.calls_cap:
+                path.bound(
+                    f"level {level} would bring the row to about "
+                    f"{(self.total_purify + cost) / n:.0f} purifications per image, over the cap "
+                    f"of {cfg.calls_cap} (escalation.calls_cap)"
+                )
+                break
+            spec = replace(
+                lead.spec,
+                make=escalated_partial(lead.spec.make, budget),
+                view=replace(lead.spec.view, eot_samples=budget.eot_samples),
+                max_images=None,
+            )
+            before = self.total_purify
+            log.info("escalation level %d: %s on %d images", level, budget.to_dict(), mask.sum())
+            stats = self.attack(len(p.attacks) + level - 1, f"{STAGE}{level}", spec, mask=mask)
+            path.levels.append(
+                Level(
+                    level,
+                    budget.to_dict(),
+                    stats.n_attacked,
+                    self.total_purify - before,
+                    stats.wall_s,
+                    self._rules(),
+                )
+            )
+            if path.converged(cfg):
+                break
+        else:
+            path.bound(f"escalation.max_levels={cfg.max_levels} reached")
+        self.outcome.escalation = path.to_dict()
+        log.info("escalation %s: %s", path.state, path.reason)
 
     def summarize(self) -> None:
         """Robust counts over the whole suite, the run's cost and the per-image table."""
@@ -193,6 +292,7 @@ class Runner:
         # A clean-only run (suite=clean) measures what purification costs; it claims no robustness.
         self.outcome.robust = self.ledger.tallies() if p.attacks else None
         self.outcome.cost.update(
+            purifications_per_image=self.total_purify / len(self.y),
             purifier_calls_per_image=self.total_purify
             * self.defense.calls_per_purify
             / len(self.y),
@@ -224,10 +324,13 @@ class Runner:
                 norm=p.norm,
                 eps=p.eps,
                 device=p.device,
-                views={n: a.view for n, a in p.attacks.items()},
-                kinds={n: a.kind for n, a in p.attacks.items()},
+                views=self.views,
+                kinds={n: s.kind for n, (s, _) in self.outcome.attacks.items()},
                 results={n: stats for n, (stats, _) in self.outcome.attacks.items()},
-                returns_best={n: a.traits.returns_best for n, a in p.attacks.items()},
+                returns_best={n: a.traits.returns_best for n, a in self._specs().items()},
+                escalated=self.views.get(f"{STAGE}{self.path.levels[-1].level}")
+                if self.path is not None and len(self.path.levels) > 1
+                else None,
                 ledger=self.ledger,
                 num_classes=p.dataset.num_classes,
                 seed=p.seed,
@@ -235,8 +338,29 @@ class Runner:
             ),
             p.diagnostics,
         )
-        self.outcome.verdict = verdict(self.outcome.diagnostics)
-        log.info("diagnostics verdict: %s", self.outcome.verdict)
+        failed = failed_checks(self.outcome.diagnostics)
+        hard = [c for c in failed if c not in SOFT_CHECKS]
+        escalation = self.outcome.escalation or None
+        state = row_state(escalation, hard, [c for c in failed if c in SOFT_CHECKS])
+        self.outcome.verdict = hard if state == "failed" else state
+        log.info("verdict: %s (failed checks: %s)", self.outcome.verdict, failed or "none")
+
+    def _specs(self) -> dict[str, AttackPlan]:
+        """Every stage's attack plan: the suite's, then the escalation levels' (the lead's)."""
+        specs = dict(self.plan.attacks)
+        lead = self.plan.lead
+        for name in self.outcome.attacks:
+            if name.startswith(STAGE) and lead is not None:
+                specs[name] = lead.spec
+        return specs
+
+    def _rules(self) -> dict[str, float]:
+        return {r: t.correct / t.n for r, t in self.ledger.tallies().items()}
+
+    def _white_survivors(self) -> Tensor:
+        """Images robust under some rule over the clean stage and every white-box stage."""
+        white = [n for n, (s, _) in self.outcome.attacks.items() if s.kind == "white-box"]
+        return self.ledger.alive(["clean", *white])
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -260,7 +384,6 @@ class Runner:
             still_right = (totals.preds[0] == self.y[targets]) & fooled
             transfer_failure = float(still_right.sum()) / believed if believed else 0.0
         purify_images = totals.passes["purify"] + totals.judge_purify
-        self.total_purify += purify_images
         return AttackStats(
             target=spec.target,
             n_attacked=len(targets),
@@ -277,6 +400,7 @@ class Runner:
             believed_fooled=believed,
             transfer_failure=transfer_failure,
             broken_on_path=None if totals.on_path is None else int(totals.on_path.sum()),
+            gradient_failures=totals.gradient_failures,
         )
 
     def _keep_examples(self, name: str, totals: AttackTotals) -> None:

@@ -6,9 +6,10 @@ the newest completed record (or complete shard set) wins; a configuration whose 
 failed shows ``failed`` with the reason.
 
 Rows are ranked within each dataset and threat: rows with numbers first; among them trusted
-rows (diagnostics verdict ``ok`` or ``not run``) above the rows whose diagnostics failed, which
-are marked; within each group by robust accuracy (the per-sample worst case over the suite),
-highest first. A failed row therefore never ranks above a trusted one, whatever its number.
+rows (verdict ``converged``, ``bound``, ``not run``, or older records' ``ok``) above the rows
+whose diagnostics failed, which are marked; within each group by robust accuracy (the
+per-sample worst case over the suite), highest first. A failed row therefore never ranks
+above a trusted one, whatever its number.
 
 The columns, their formats and the ranking keys are one table, :mod:`bench.reporting.columns`;
 the pages are written by :mod:`bench.reporting.writers`, the figures drawn by

@@ -70,10 +70,11 @@ def eps_key(key: str) -> float:
 def eval_seconds(r: RunRecord) -> float:
     """Seconds the evaluation itself took: wall time less readying the networks.
 
-    Training or loading them is ``cost["setup_s"]``; records that predate the split count their
+    Training or loading them is ``cost["setup_s"]``, the diagnostics (a fixed slice, whatever
+    the subset's size) ``cost["diagnostics_s"]``; records that predate the split count their
     whole wall time.
     """
-    return float(r.cost.get("eval_s", r.wall_s))
+    return float(r.cost.get("eval_s", r.wall_s)) - float(r.cost.get("diagnostics_s", 0.0))
 
 
 def merge_accuracies(accs: Sequence[Accuracy]) -> Accuracy:
@@ -115,6 +116,9 @@ def _merge_attack(results: list[AttackResult]) -> AttackResult:
             if all(rule in r.rules for r in results)
         },
         passes={k: sum(r.passes.get(k, 0) for r in results) for k in first.passes},
+        gradient_failures={
+            k: sum(r.gradient_failures.get(k, 0) for r in results) for k in first.gradient_failures
+        },
         purifier_calls_per_image=_weighted(
             (r.purifier_calls_per_image, r.n_attacked) for r in results
         )
@@ -130,8 +134,11 @@ def _merge_diagnostics(records: list[RunRecord]) -> tuple[dict[str, Any], str | 
     """Checks failed in any shard fail; the eps sweep is averaged over the shards' slices."""
     ran = [r for r in records if r.diagnostics.get("checks")]
     failed = sorted({c for r in records if isinstance(r.verdict, list) for c in r.verdict})
+    # The loosest state of any shard holds for their union.
+    states = [r.verdict for r in records if isinstance(r.verdict, str)]
+    state = next((s for s in ("bound", "converged", "ok") if s in states), "not run")
     if not ran:
-        return {}, failed or ("ok" if any(r.verdict == "ok" for r in records) else "not run")
+        return {}, failed or state
     checks: dict[str, dict[str, Any]] = {}
     for r in ran:
         for name, check in r.diagnostics["checks"].items():
@@ -147,7 +154,7 @@ def _merge_diagnostics(records: list[RunRecord]) -> tuple[dict[str, Any], str | 
             for k in sorted(keys, key=eps_key)
         }
     merged = {"checks": checks, "n_samples": sum(weights), "shards": len(ran)}
-    return merged, failed or "ok"
+    return merged, failed or state
 
 
 def _choose_shards(

@@ -41,8 +41,12 @@ class RunRecord:
     ``robust_acc`` is the per-sample worst case over the suite: an image counts as robust only
     if it is classified correctly clean and after every attack. ``clean_acc`` and ``robust_acc``
     follow ``headline_rule``; ``rules`` holds both under every decision rule (``single``,
-    ``avg``, ``worst``, ``vote``; see :mod:`bench.robust_eval`). ``verdict`` is ``"ok"`` or the
-    list of diagnostics that failed (:mod:`bench.diagnostics`).
+    ``avg``, ``worst``, ``vote``; see :mod:`bench.engine.decision`). ``verdict`` is the row's
+    state: ``"converged"`` (the escalation stopped moving the number), ``"bound"`` (still
+    falling when the budget ran out, or the attack's view too noisy: an upper bound), the list
+    of diagnostics that failed (the evaluation is broken; :mod:`bench.engine.diagnostics`), or
+    ``"not run"``; records before the escalation say ``"ok"``. ``escalation`` is the path: every
+    level's budget, cost and accuracies (:mod:`bench.engine.escalation`).
     """
 
     status: str  # "completed" or "failed"
@@ -75,6 +79,7 @@ class RunRecord:
     cascade: bool = True
     diagnostics: dict[str, Any] = field(default_factory=dict)
     verdict: str | list[str] = "not run"
+    escalation: dict[str, Any] = field(default_factory=dict)
     cost: dict[str, Any] = field(default_factory=dict)
     # ``{"index": i, "count": n}`` when the run evaluated only slice i of n of the subset.
     shard: dict[str, int] | None = None

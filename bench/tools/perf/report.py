@@ -175,6 +175,31 @@ def cuda_rows(cuda: Mapping[str, Any]) -> list[Row]:
     ]
 
 
+def escalation_rows(e: Mapping[str, Any]) -> list[Row]:
+    """Row 7: per defense, the escalating evaluation against the fixed strong budget."""
+    rows = []
+    for name, r in e["rows"].items():
+        esc, strong = r["escalating"], r["strong"]
+        details = (
+            f"{name}, {e['n']} images: robust {100 * esc['robust_acc']:.1f}% ({esc['verdict']}, "
+            f"{esc['levels']} levels) vs {100 * strong['robust_acc']:.1f}% "
+            f"[{100 * strong['low']:.1f}, {100 * strong['high']:.1f}]; "
+            f"{_fmt(esc['purifications_per_image'], 0)} vs "
+            f"{_fmt(strong['purifications_per_image'], 0)} purifications per image; "
+            f"{_fmt(esc['eval_s'], 0)} s vs {_fmt(strong['eval_s'], 0)} s"
+        )
+        rows.append(
+            (
+                "7. Escalation / fixed strong budget (purifications)",
+                _fmt(r["calls_ratio"], 3),
+                f"<= {r.get('target', '')} and inside the interval",
+                _met(r["met"]),
+                details,
+            )
+        )
+    return rows
+
+
 ROWS: dict[str, Callable[[Mapping[str, Any]], list[Row]]] = {
     "chunk": chunk_rows,
     "overhead": overhead_rows,
@@ -184,6 +209,7 @@ ROWS: dict[str, Callable[[Mapping[str, Any]], list[Row]]] = {
     "memory": memory_rows,
     "scaling": scaling_rows,
     "cuda": cuda_rows,
+    "escalation": escalation_rows,
 }
 
 

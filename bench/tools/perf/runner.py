@@ -18,6 +18,7 @@ from bench.provenance import package_versions
 from bench.tools.perf.cascade import cascade_savings
 from bench.tools.perf.chunk import chunk_sweep
 from bench.tools.perf.cuda import cuda_options
+from bench.tools.perf.escalation import escalation_vs_strong
 from bench.tools.perf.memory import gradient_memory, prepare_memory
 from bench.tools.perf.overhead import engine_overhead
 from bench.tools.perf.passes import warm_up
@@ -29,7 +30,17 @@ from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-ITEMS = ("chunk", "overhead", "torchattacks", "autoattack", "cascade", "memory", "scaling", "cuda")
+ITEMS = (
+    "chunk",
+    "overhead",
+    "torchattacks",
+    "autoattack",
+    "cascade",
+    "memory",
+    "scaling",
+    "cuda",
+    "escalation",
+)
 
 
 def _load_avg() -> tuple[float, float, float] | None:
@@ -105,6 +116,7 @@ def run_perf(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str]) -> dict
         "memory": lambda: gradient_memory(cfg, cases),
         "scaling": lambda: scaling(setup, cfg),
         "cuda": lambda: cuda_options(setup, cfg),
+        "escalation": lambda: escalation_vs_strong(cfg, run_dir, choices),
     }
     for name in items:
         t = time.perf_counter()

@@ -224,7 +224,8 @@ def build_setup(cfg: DictConfig, prep: Preparation, choices: Mapping[str, str]) 
         eps=eps,
         steps=int(cfg.attack.steps),
         eot=int(cfg.attack.eot_samples),
-        alpha=float(cfg.attack.rel_stepsize) * eps,
+        # Relative to eps and to the steps (a fixed fraction stops short when steps shrink).
+        alpha=float(cfg.attack.rel_stepsize or 2.5 / int(cfg.attack.steps)) * eps,
         batch_size=int(cfg.batch_size),
         seed=int(cfg.seed),
     )

@@ -51,21 +51,26 @@ class Timings:
             "cpu_runs_s": [round(t, 4) for t in self.cpu[name]],
         }
 
-    def minus(self, excluded: Mapping[str, list[float]]) -> Timings:
-        """These timings less ``excluded`` seconds per variant and repetition, on both clocks.
+    def minus(
+        self, excluded: Mapping[str, list[float]], excluded_cpu: Mapping[str, list[float]]
+    ) -> Timings:
+        """These timings less work inside a timed call that is not part of the measurement.
 
-        For work inside a timed call that is not part of the measurement (a runner loading
-        its cached networks); it is subtracted from the CPU clock too, which treats it as
-        single-threaded CPU work.
+        ``excluded`` is its elapsed seconds per variant and repetition, ``excluded_cpu`` its
+        CPU seconds (a runner loading its cached networks): each clock loses its own reading
+        (elapsed setup time on a loaded machine exceeds the CPU time it took, and subtracting
+        it from the CPU clock gave negative times).
         """
 
-        def less(src: dict[str, list[float]]) -> dict[str, list[float]]:
+        def less(
+            src: dict[str, list[float]], out: Mapping[str, list[float]]
+        ) -> dict[str, list[float]]:
             return {
-                name: [t - e for t, e in zip(ts, excluded.get(name, [0.0] * len(ts)), strict=True)]
+                name: [t - e for t, e in zip(ts, out.get(name, [0.0] * len(ts)), strict=True)]
                 for name, ts in src.items()
             }
 
-        return Timings(less(self.wall), less(self.cpu), self.clock)
+        return Timings(less(self.wall, excluded), less(self.cpu, excluded_cpu), self.clock)
 
 
 def interleave(
