@@ -4,7 +4,8 @@ The acceptance of the escalation is on planted defenses whose truth is known: a 
 the identity in its forward pass has the bare classifier's robustness, however it bends its
 gradients. Each is evaluated at ``profile=quick`` (the default bench's budgets, on digits) and
 must end within 5 points of that truth, measured by a strong independent attack on the bare
-classifier on the same images, or be ``failed`` with the check that names its trick.
+classifier on the same images, or be ``failed`` with the check that names its trick. A
+quantizer (not the identity) and a purifier with NaN gradients must be named.
 """
 
 from __future__ import annotations
@@ -231,13 +232,18 @@ def test_escalation_resumes_across_levels(
 # -- acceptance: planted weaknesses at the default bench's budgets -----------------------------
 
 
-def _true_bare_accuracy(record: RunRecord, cache: Path, compose_cfg) -> float:
-    """A strong attack on the bare classifier on the record's images: PGD-200, 3 losses."""
-    cfg = compose_cfg(fast_overrides(cache, cache.parent))
+def _digits(cache: Path, compose_cfg) -> tuple[Any, torch.nn.Module]:
+    """The digits dataset and the cached classifier every run of this file attacks."""
     from hydra.utils import instantiate
 
+    cfg = compose_cfg(fast_overrides(cache, cache.parent))
     dataset = instantiate(cfg.dataset)
-    classifier = instantiate(cfg.classifier).load(dataset, torch.device("cpu"))
+    return dataset, instantiate(cfg.classifier).load(dataset, torch.device("cpu"))
+
+
+def _true_bare_accuracy(record: RunRecord, cache: Path, compose_cfg) -> float:
+    """A strong attack on the bare classifier on the record's images: PGD-200, 3 losses."""
+    dataset, classifier = _digits(cache, compose_cfg)
     x, y = dataset.test()
     idx = torch.tensor(record.indices)
     x, y = x[idx], y[idx]
@@ -258,6 +264,18 @@ def _true_bare_accuracy(record: RunRecord, cache: Path, compose_cfg) -> float:
         return float(((view(x_adv).argmax(1) == y) & clean_ok).float().mean())
 
 
+# The default bench's budgets on digits, escalation uncapped so its convergence decides.
+QUICK = (
+    "profile=quick",
+    "suite=quick",  # fast_overrides picks the smoke suite; the profile's is the point here
+    "n_samples=64",
+    "batch_size=64",
+    "diagnostics.n_samples=16",
+    "escalation.max_levels=3",
+    "escalation.calls_cap=null",
+)
+
+
 PLANTED = {
     # name: (defense config, checks any of which may name its trick when it is not broken)
     "reverse": (
@@ -271,6 +289,11 @@ PLANTED = {
     "tiny_noise": ({"_target_": "tests.test_escalation.TinyNoise"}, ()),
     "detach": ({"_target_": "tests.planted.Detach"}, ("unavailable_gradients[exact]",)),
     "identity": ({"_target_": "defenses.none.NoDefense"}, ()),
+    "quantize": (
+        {"_target_": "tests.planted.Quantize", "levels": 8},
+        ("unavailable_gradients[exact]", "aa_zero_gradients"),
+    ),
+    "nan_gradient": ({"_target_": "tests.planted.NaNGradient"}, ("gradient_failures",)),
 }
 
 
@@ -279,19 +302,7 @@ def test_planted_weakness_is_found_or_named_at_the_quick_profile(
     compose_cfg, cache_dir: Path, tmp_path: Path, name: str
 ) -> None:
     defense, tricks = PLANTED[name]
-    record = _run(
-        compose_cfg,
-        cache_dir,
-        tmp_path / name,
-        defense,
-        "profile=quick",
-        "suite=quick",  # fast_overrides picks the smoke suite; the profile's is the point here
-        "n_samples=64",
-        "batch_size=64",
-        "diagnostics.n_samples=16",
-        "escalation.max_levels=3",
-        "escalation.calls_cap=null",
-    )
+    record = _run(compose_cfg, cache_dir, tmp_path / name, defense, *QUICK)
     saved = json.loads((tmp_path / name / "record.json").read_text())
     assert saved["status"] == "completed"
     truth = _true_bare_accuracy(record, cache_dir, compose_cfg)

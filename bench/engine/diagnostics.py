@@ -262,8 +262,11 @@ class _Diagnosis:
     # -- the checks --------------------------------------------------------------------------
 
     def autoattack_flags(self) -> None:
-        warnings = [w for r in self.inp.results.values() for w in r.warnings]
-        ran_aa = any("autoattack" in r.target for r in self.inp.results.values())
+        # AutoAttack's own warnings only: the harness's PGD words its own gradient warnings
+        # with the same phrases ("zero gradient").
+        aa = [r for r in self.inp.results.values() if "autoattack" in r.target]
+        warnings = [w for r in aa for w in r.warnings]
+        ran_aa = bool(aa)
         if not ran_aa:
             return
         has_adaptive = any("autoattack" not in r.target for r in self.inp.results.values())

@@ -247,10 +247,9 @@ class Escalation:
     def bound(self, why: str) -> None:
         """Stop without convergence: the number is an upper bound."""
         self.state = "bound"
-        self.reason = (
-            f"still falling at level {self.levels[-1].level} "
-            f"({100 * self.accuracy:.2f}% {self.headline}): {why}"
-        )
+        level = self.levels[-1].level
+        done = "not escalated past the suite" if level == 0 else f"still falling at level {level}"
+        self.reason = f"{done} ({100 * self.accuracy:.2f}% {self.headline}): {why}"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the record."""
