@@ -109,6 +109,19 @@ class ViewOptions:
         return asdict(self)
 
 
+def view_rank(options: ViewOptions) -> tuple[bool, bool, int]:
+    """Sort key of views by how well they let an attacker see the defense, best first.
+
+    Exact gradients first, then fresh randomness (the white-box attacker of the threat model),
+    then the most EOT samples.
+    """
+    return (
+        options.grad != "exact",
+        options.randomness != "fresh",
+        -(options.eot_samples or 1),
+    )
+
+
 @dataclass
 class PassCounter:
     """Images pushed through the view, counted per EOT sample, and the gradients that failed.

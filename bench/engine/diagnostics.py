@@ -64,7 +64,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from attacks.pgd_eot import PGDEOT, margin_loss
-from bench.engine.attack_view import AttackView, ViewOptions
+from bench.engine.attack_view import AttackView, ViewOptions, view_rank
 from bench.engine.decision import Judge, Ledger
 from bench.engine.escalation import STAGE
 from bench.engine.stats import AttackStats
@@ -193,13 +193,7 @@ class _Diagnosis:
         # The escalation's levels are the lead attack at larger budgets: the probe stays at the
         # suite's own budget (the eps sweep runs it five times).
         white = [n for n in inp.views if inp.kinds[n] == "white-box" and not n.startswith(STAGE)]
-        white.sort(
-            key=lambda n: (
-                inp.views[n].grad != "exact",
-                inp.views[n].randomness != "fresh",
-                -(inp.views[n].eot_samples or 1),
-            )
-        )
+        white.sort(key=lambda n: view_rank(inp.views[n]))
         chosen = (white or [None])[0]
         if chosen is not None:
             self.probe_options = inp.views[chosen]
@@ -265,10 +259,9 @@ class _Diagnosis:
         # AutoAttack's own warnings only: the harness's PGD words its own gradient warnings
         # with the same phrases ("zero gradient").
         aa = [r for r in self.inp.results.values() if "autoattack" in r.target]
-        warnings = [w for r in aa for w in r.warnings]
-        ran_aa = bool(aa)
-        if not ran_aa:
+        if not aa:
             return
+        warnings = [w for r in aa for w in r.warnings]
         has_adaptive = any("autoattack" not in r.target for r in self.inp.results.values())
         for name, needle in _AA_FLAGS.items():
             hits = [w for w in warnings if needle in w]

@@ -29,7 +29,7 @@ from attacks.pgd_eot import PGDEOT
 from bench.config import CONF_DIR
 from bench.data import ImageDataset, eval_subset
 from bench.devices import resolve_device
-from bench.engine.attack_view import AttackView, ViewOptions
+from bench.engine.attack_view import AttackView, ViewOptions, view_rank
 from bench.engine.decision import RULES, SUCCESS_AT
 from bench.engine.diagnostics import DiagnosticsConfig
 from bench.engine.escalation import Budget, EscalationConfig, base_budget
@@ -350,16 +350,11 @@ def attacks_of(cfg: DictConfig, defense: Defense, warnings: list[str]) -> dict[s
     return {name: attack_of(cfg, name, node, defense, warnings) for name, node in attacks.items()}
 
 
-def _lead_rank(spec: AttackPlan) -> tuple:
-    kw = spec.make.keywords
-    # Exact gradients and fresh noise first (the white-box attacker of the threat model), a
-    # plain loss before a defense-aware one, then the most EOT samples.
-    return (
-        spec.view.grad != "exact",
-        spec.view.randomness != "fresh",
-        bool(kw.get("defense_loss_weight")),
-        -(spec.view.eot_samples or 1),
-    )
+def _lead_rank(spec: AttackPlan) -> tuple[bool, bool, bool, int]:
+    # The view's rank (exact gradients, fresh noise, EOT), a plain loss before a defense-aware
+    # one ahead of the EOT samples.
+    grad, randomness, eot = view_rank(spec.view)
+    return grad, randomness, bool(spec.make.keywords.get("defense_loss_weight")), eot
 
 
 def lead_of(cfg: DictConfig, attacks: Mapping[str, AttackPlan], defense: Defense) -> Lead | None:

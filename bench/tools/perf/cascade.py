@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from bench.tools.perf.setup import compose_config
+from bench.tools.perf.setup import compose_config, runner_overrides
 from bench.tools.perf.timing import interleave
 
 
@@ -24,21 +24,12 @@ def eval_config(
     """The runner's config for the cascade measurement: our model, defense and suite."""
     c = cfg.cascade
     overrides = [
-        f"dataset={choices['dataset']}",
+        *runner_overrides(
+            cfg, results_dir, choices, n_samples=int(c.n_samples), draws=int(c.draws)
+        ),
         f"classifier={choices['classifier']}",
-        f"threat={choices['threat']}",
-        f"n_samples={int(c.n_samples)}",
-        f"batch_size={int(cfg.batch_size)}",
-        f"device={cfg.device}",
-        f"seed={int(cfg.seed)}",
-        f"subset_seed={int(cfg.subset_seed)}",
-        f"decision.draws={int(c.draws)}",
         f"eot_default={int(cfg.attack.eot_samples)}",
-        "diagnostics.enabled=false",
         "escalation.enabled=false",  # the suite's own cost is measured, not the escalation's
-        f"paths.data_dir={cfg.paths.data_dir}",
-        f"paths.cache_dir={cfg.paths.cache_dir}",
-        f"paths.results_dir={results_dir}",
         *list(c.overrides),
     ]
     ecfg = compose_config("eval", overrides)

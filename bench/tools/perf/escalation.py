@@ -24,27 +24,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from bench.tools.perf.setup import compose_config
+from bench.tools.perf.setup import compose_config, runner_overrides
 
 log = logging.getLogger(__name__)
-
-
-def _overrides(cfg: DictConfig, results_dir: Path, choices: Mapping[str, str]) -> list[str]:
-    e = cfg.escalation
-    return [
-        f"dataset={choices['dataset']}",
-        f"threat={choices['threat']}",
-        f"n_samples={int(e.n_samples)}",
-        f"decision.draws={int(e.draws)}",  # both judged alike: profile=quick's draws
-        f"batch_size={int(cfg.batch_size)}",
-        f"device={cfg.device}",
-        f"seed={int(cfg.seed)}",
-        f"subset_seed={int(cfg.subset_seed)}",
-        "diagnostics.enabled=false",
-        f"paths.data_dir={cfg.paths.data_dir}",
-        f"paths.cache_dir={cfg.paths.cache_dir}",
-        f"paths.results_dir={results_dir}",
-    ]
 
 
 def _strong(cfg: DictConfig) -> list[str]:
@@ -81,7 +63,11 @@ def escalation_vs_strong(
     from bench.run import evaluate
 
     out: dict[str, Any] = {"n": int(cfg.escalation.n_samples), "rows": {}}
-    base = _overrides(cfg, run_dir / "escalation_runs", choices)
+    e = cfg.escalation
+    # Both judged alike, on profile=quick's draws.
+    base = runner_overrides(
+        cfg, run_dir / "escalation_runs", choices, n_samples=int(e.n_samples), draws=int(e.draws)
+    )
     for name, extra in cfg.escalation.rows.items():
         row: dict[str, Any] = {}
         for variant, more in (("escalating", ["profile=quick"]), ("strong", _strong(cfg))):

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -122,6 +123,30 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
         return compose(name, overrides=overrides)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(name, overrides=overrides)
+
+
+def runner_overrides(
+    cfg: DictConfig, results_dir: Path, choices: Mapping[str, str], *, n_samples: int, draws: int
+) -> list[str]:
+    """Overrides of ``conf/eval.yaml`` for a perf item that runs the runner itself.
+
+    The perf run's dataset, threat, batch size, device, seeds and paths; ``n_samples`` images
+    judged on ``draws`` purifications; no diagnostics (they are not what an item measures).
+    """
+    return [
+        f"dataset={choices['dataset']}",
+        f"threat={choices['threat']}",
+        f"n_samples={n_samples}",
+        f"decision.draws={draws}",
+        f"batch_size={int(cfg.batch_size)}",
+        f"device={cfg.device}",
+        f"seed={int(cfg.seed)}",
+        f"subset_seed={int(cfg.subset_seed)}",
+        "diagnostics.enabled=false",
+        f"paths.data_dir={cfg.paths.data_dir}",
+        f"paths.cache_dir={cfg.paths.cache_dir}",
+        f"paths.results_dir={results_dir}",
+    ]
 
 
 @dataclass
