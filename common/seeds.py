@@ -49,6 +49,11 @@ def defense_loss(seed: int) -> int:
     return (seed * 1_000_003 + 500_009) % SEED_HIGH
 
 
+def escalation_probe(seed: int, level: int) -> int:
+    """Which survivors escalation level ``level`` probes first."""
+    return seed * 104_729 + level * 7 + 3
+
+
 def perf_judge(seed: int) -> int:
     """The purifications ``make perf`` judges compared attacks with (the same for all)."""
     return seed + 12345

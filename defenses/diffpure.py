@@ -26,7 +26,7 @@ Gradient = Literal["backprop", "adjoint"]
 
 _METHODS: tuple[str, ...] = ("sde", "ode")
 _GRADIENTS: tuple[str, ...] = ("backprop", "adjoint")
-_DEFAULT_STEPS = 20
+_DEFAULT_STEPS = 10
 # The solver step is nudged up by this relative amount so that ``steps`` accumulated steps
 # always reach the end of the interval: torchsde adds ``dt`` repeatedly, and rounding could
 # otherwise leave a sliver that costs one more network call.
@@ -75,7 +75,7 @@ class DiffPure(Defense):
         t_star (float): diffusion time ``t*`` in (0, 1]; the noise std must dominate the
             threat's eps. The paper uses 0.1 for CIFAR-10 Linf 8/255. (Default: 0.3)
         steps (int): reverse steps from ``t*`` to ``t_end``; score evaluations per purification.
-            The paper uses dt = 1e-3, i.e. 100 steps at ``t* = 0.1``. (Default: 20)
+            The paper uses dt = 1e-3, i.e. 100 steps at ``t* = 0.1``. (Default: 10)
         method (str): ``"sde"`` (reverse VP-SDE, Euler-Maruyama) or ``"ode"`` (probability-flow
             ODE, Euler). (Default: ``"sde"``)
         gradient (str): ``"backprop"`` (autograd through the sampler) or ``"adjoint"``

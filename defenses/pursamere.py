@@ -58,9 +58,9 @@ class PurSAMERE(Defense):
         sigma (float): noise level of the ERE in [0, 1] pixel units (``2 * sigma`` in the
             denoiser's [-1, 1] units). (Default: 0.25)
         n_noise (int): ``K``, the fixed noise draws averaged in the ERE. (Default: 1)
-        steps (int): ``T``, SAM descent steps. (Default: 10)
+        steps (int): ``T``, SAM descent steps. (Default: 5)
         step_size (float): L2 length of each normalised descent step, [0, 1] units.
-            (Default: 0.3)
+            (Default: 0.6)
         sam_rho (float): L2 radius of the SAM ascent; 0 switches SAM off (plain ERE descent,
             the ablation, half the network calls). (Default: 0.5)
         radius (float): Linf radius ``r`` of the neighbourhood of the input the purified image
@@ -88,7 +88,7 @@ class PurSAMERE(Defense):
         differentiable=True,
         iterative=True,
         paper="https://arxiv.org/abs/2602.06269",
-        purifier_calls=20,  # 2 * K * T at the defaults; calls_per_purify has the actual count
+        purifier_calls=10,  # 2 * K * T at the defaults; calls_per_purify has the actual count
     )
 
     def __init__(
@@ -97,8 +97,8 @@ class PurSAMERE(Defense):
         *,
         sigma: float = 0.25,
         n_noise: int = 1,
-        steps: int = 10,
-        step_size: float = 0.3,
+        steps: int = 5,
+        step_size: float = 0.6,
         sam_rho: float = 0.5,
         radius: float = 0.15,
         noise_seed: int = 0,

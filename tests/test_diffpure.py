@@ -220,7 +220,7 @@ def test_surrogate_runs_fewer_steps_and_is_differentiable() -> None:
     score = tiny_score(counting=True)
     counter = score.net
     defense = DiffPure(score, steps=8, surrogate_steps=2, gradient="adjoint")
-    assert defense.calls_per_purify == 8 and DiffPure.info.purifier_calls == 20
+    assert defense.calls_per_purify == 8 and DiffPure.info.purifier_calls == 10
     x = images()
     counter.calls = 0
     purify(defense, x, 0)
@@ -278,5 +278,5 @@ def test_config_composes_and_instantiates(compose_cfg) -> None:
     assert set(cfg.defense) - {"_target_"} == set(inspect.signature(DiffPure).parameters)
     defense = instantiate(cfg.defense)
     assert isinstance(defense, DiffPure) and isinstance(defense.score, TrainedScoreNet)
-    assert (defense.t_star, defense.steps, defense.method) == (0.1, 20, "sde")
+    assert (defense.t_star, defense.steps, defense.method) == (0.1, 10, "sde")
     assert defense.gradient == "backprop" and defense.surrogate_steps is None

@@ -24,9 +24,13 @@ from attacks.pgd_eot import PGDEOT
 from bench.engine.attack_view import AttackView, ViewOptions
 from bench.engine.escalation import (
     Budget,
+    Escalation,
     EscalationConfig,
+    Level,
     estimate,
     level_budget,
+    probe_sample,
+    projection,
     state,
     tolerance,
 )
@@ -112,6 +116,24 @@ def test_tolerance_is_one_image_or_one_standard_error() -> None:
     assert tolerance(EscalationConfig(tolerance=0.02), 0.5, 256) == 0.02
 
 
+def test_the_probe_is_a_seeded_sample_of_the_survivors() -> None:
+    mask = torch.zeros(40, dtype=torch.bool)
+    mask[::2] = True
+    one, again = probe_sample(mask, 8, seed=3), probe_sample(mask, 8, seed=3)
+    assert int(one.sum()) == 8 and not (one & ~mask).any()
+    assert torch.equal(one, again) and not torch.equal(one, probe_sample(mask, 8, seed=4))
+    assert projection(probed=8, broken=2, rest=12) == 3.0
+
+
+def test_a_projected_change_counts_against_the_tolerance() -> None:
+    cfg = EscalationConfig()
+    rules = {"single": 0.5}
+    path = Escalation("pgd", "single", 100)
+    path.levels = [Level(0, {}, 100, 0, 0.0, rules), Level(1, {}, 20, 0, 0.0, {"single": 0.48})]
+    assert path.converged(cfg, projected=2.0) and "projected from a probe" in path.reason
+    assert not path.converged(cfg, projected=4.0)  # 2 + 4 images = 6 points > one SE (5)
+
+
 def test_state_puts_escalation_and_checks_together() -> None:
     assert state({"state": "converged"}, [], []) == "converged"
     assert state({"state": "bound"}, [], []) == "bound"
@@ -128,6 +150,7 @@ def test_state_puts_escalation_and_checks_together() -> None:
         ("escalation.tolerance=1.5", "escalation.tolerance=1.5"),
         ("escalation.losses=[hinge]", "escalation.losses=\\['hinge'\\]"),
         ("+escalation.speed=11", "escalation options \\['speed'\\]"),
+        ("escalation.probe=0", "escalation.probe=0"),
     ],
 )
 def test_bad_escalation_config_fails_before_work(
@@ -193,6 +216,26 @@ def test_the_cap_stops_escalation_and_the_row_says_bound(
     assert record.verdict == "bound" and record.escalation["state"] == "bound"
     assert "escalation.calls_cap" in record.escalation["reason"]
     assert [lv["level"] for lv in record.escalation["levels"]] == [0]
+
+
+def test_a_probe_that_breaks_many_attacks_the_rest_and_one_that_breaks_none_stops(
+    compose_cfg, cache_dir: Path, tmp_path: Path
+) -> None:
+    """PGD-1 is far from converged: level 1's probe breaks enough that the rest is attacked too;
+    once the number stops moving a probe settles its level alone."""
+    none = {"_target_": "defenses.none.NoDefense"}
+    extra = ("escalation.max_levels=4", "escalation.calls_cap=null", "escalation.probe=12")
+    args = ("suite=pgd", "suite.attacks.pgd.steps=1", *extra)
+    record = _run(compose_cfg, cache_dir, tmp_path / "run", none, *args)
+    levels = record.escalation["levels"]
+    assert levels[1]["probe"] is None and "escalate@1+" in record.attacks
+    assert record.attacks["escalate@1"].n_attacked == 12
+    both = record.attacks["escalate@1"].n_attacked + record.attacks["escalate@1+"].n_attacked
+    assert levels[1]["attacked"] == both
+    last = levels[-1]
+    assert record.verdict == "converged" and last["probe"] is not None
+    assert f"escalate@{last['level']}+" not in record.attacks and last["attacked"] == 12
+    assert last["probe"]["survivors"] > 12 and "probe" in record.escalation["reason"]
 
 
 def test_escalation_resumes_across_levels(

@@ -10,7 +10,14 @@ one) on the images that survived every white-box stage, one level at a time:
   suite's losses and then the ones in ``losses`` (a restart with another loss only attacks the
   points the earlier ones left unbroken);
 * the step size is re-derived for every level (PGD's ``2.5 * eps / steps``), so no level stops
-  short of the threat's boundary.
+  short of the threat's boundary;
+* with ``probe`` set, a level first attacks a random sample of that many survivors. When the
+  images it breaks, projected onto the survivors it did not attack, would still leave the
+  change within the tolerance, the level stops there: the row has converged and the record
+  keeps the projection (the images a full level would be expected to break on top). Otherwise
+  the level attacks the rest too (stage ``escalate@L+``). On a stochastic defense at a few
+  hundred images most survivors stay robust at every level, so the probe saves most of a
+  level's cost where the number has already stopped moving.
 
 The evaluation has **converged** at level ``L`` when the headline accuracy (the per-sample worst
 case over every stage so far) fell by at most the tolerance from level ``L - 1`` to ``L``: by
@@ -33,7 +40,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
 from common.checks import flag, known_keys, optional_positive_int, positive_int, real
 from common.errors import ConfigError
@@ -57,6 +66,7 @@ class EscalationConfig:
         steps_factor: steps multiply by this per level.
         eot_factor: EOT samples multiply by this per level (stochastic defenses only).
         losses: losses the added restarts cycle through after the lead attack's own.
+        probe: survivors a level attacks first (a seeded random sample); ``None``: all.
     """
 
     enabled: bool = True
@@ -66,6 +76,7 @@ class EscalationConfig:
     steps_factor: int = 2
     eot_factor: int = 2
     losses: tuple[str, ...] = ("ce", "margin", "dlr")
+    probe: int | None = None
 
     @classmethod
     def from_cfg(cls, node: DictConfig | Mapping[str, Any] | None) -> EscalationConfig:
@@ -78,6 +89,7 @@ class EscalationConfig:
         flag("escalation.enabled", out.enabled)
         positive_int("escalation.max_levels", out.max_levels)
         optional_positive_int("escalation.calls_cap", out.calls_cap)
+        optional_positive_int("escalation.probe", out.probe)
         for key in ("steps_factor", "eot_factor"):
             positive_int(f"escalation.{key}", getattr(out, key))
         if out.tolerance is not None:
@@ -180,6 +192,8 @@ class Level:
         purifications: purifications this level spent (its judging included).
         wall_s: seconds it took.
         rules: accuracy (a fraction) under every decision rule after this level.
+        probe: when the level stopped at its probe: survivors, probed, broken among the probed
+            and the images projected to fall among the rest; ``None`` otherwise.
     """
 
     level: int
@@ -188,6 +202,7 @@ class Level:
     purifications: int
     wall_s: float
     rules: dict[str, float]
+    probe: dict[str, float] | None = None
 
     def to_dict(self, n: int) -> dict[str, Any]:
         """Plain data for the record (``purifier_calls_per_image`` over the subset)."""
@@ -198,6 +213,7 @@ class Level:
             "purifications_per_image": self.purifications / max(n, 1),
             "wall_s": self.wall_s,
             "rules": self.rules,
+            "probe": self.probe,
         }
 
 
@@ -228,19 +244,25 @@ class Escalation:
         """Headline accuracy after the last level."""
         return self.levels[-1].rules[self.headline]
 
-    def converged(self, cfg: EscalationConfig) -> bool:
-        """Whether the last two levels differ by at most the tolerance (sets the state)."""
+    def converged(self, cfg: EscalationConfig, projected: float = 0.0) -> bool:
+        """Whether the last two levels differ by at most the tolerance (sets the state).
+
+        ``projected`` adds the images a probe projects the unattacked survivors would lose.
+        """
         if len(self.levels) < 2:
             return False
         before, after = self.levels[-2].rules[self.headline], self.accuracy
+        change = before - after + projected / max(self.n, 1)
         tol = tolerance(cfg, before, self.n)
         self.tolerances.append(tol)
-        if before - after <= tol:
+        if change <= tol:
             self.state = "converged"
             self.reason = (
                 f"level {self.levels[-1].level} changed the {self.headline} accuracy by "
-                f"{100 * (before - after):.2f} points (tolerance {100 * tol:.2f})"
+                f"{100 * change:.2f} points (tolerance {100 * tol:.2f})"
             )
+            if projected:
+                self.reason += f", {projected:.1f} images of it projected from a probe"
             return True
         return False
 
@@ -262,6 +284,21 @@ class Escalation:
             "tolerances": self.tolerances,
             "levels": [lv.to_dict(self.n) for lv in self.levels],
         }
+
+
+def projection(probed: int, broken: int, rest: int) -> float:
+    """Images a full level is expected to break among ``rest`` unattacked survivors.
+
+    The probe is a random sample of the survivors, so its break rate estimates theirs.
+    """
+    return broken / max(probed, 1) * rest
+
+
+def probe_sample(mask: Tensor, size: int, seed: int) -> Tensor:
+    """A seeded random ``size`` of the images ``mask`` marks, as a mask of the same shape."""
+    where = mask.nonzero().squeeze(1)
+    order = torch.randperm(len(where), generator=torch.Generator().manual_seed(seed))
+    return torch.zeros_like(mask).index_fill_(0, where[order[:size]], True)
 
 
 def estimate(budget: Budget, targets: int, draws: int) -> int:

@@ -33,11 +33,15 @@ from bench.engine.decision import Judge, Ledger
 from bench.engine.diagnostics import SOFT_CHECKS, DiagnosisInput, diagnose, failed_checks
 from bench.engine.escalation import (
     STAGE,
+    Budget,
     Escalation,
     Level,
     escalated_partial,
     estimate,
     level_budget,
+    probe_sample,
+    projection,
+    tolerance,
 )
 from bench.engine.escalation import state as row_state
 from bench.engine.plan import AttackPlan, Plan
@@ -252,13 +256,11 @@ class Runner:
             if not mask.any():
                 path.state, path.reason = "converged", "no image survived the white-box attacks"
                 break
-            cost = estimate(budget, int(mask.sum()), p.decision.draws)
-            if cfg.calls_cap is not None and (self.total_purify + cost) / n > cfg.calls_cap:
-                path.bound(
-                    f"level {level} would bring the row to about "
-                    f"{(self.total_purify + cost) / n:.0f} purifications per image, over the cap "
-                    f"of {cfg.calls_cap} (escalation.calls_cap)"
-                )
+            # A probing level is sure to attack only its probe; the rest is checked before it.
+            first = min(int(mask.sum()), cfg.probe or n)
+            over = self._over_cap(level, estimate(budget, first, p.decision.draws))
+            if over:
+                path.bound(over)
                 break
             spec = replace(
                 lead.spec,
@@ -266,25 +268,74 @@ class Runner:
                 view=replace(lead.spec.view, eot_samples=budget.eot_samples),
                 max_images=None,
             )
-            before = self.total_purify
             log.info("escalation level %d: %s on %d images", level, budget.to_dict(), mask.sum())
-            stats = self.attack(len(p.attacks) + level - 1, f"{STAGE}{level}", spec, mask=mask)
-            path.levels.append(
-                Level(
-                    level,
-                    budget.to_dict(),
-                    stats.n_attacked,
-                    self.total_purify - before,
-                    stats.wall_s,
-                    self._rules(),
-                )
-            )
-            if path.converged(cfg):
+            projected = self._escalate_level(level, budget, spec, mask)
+            if projected is None or path.converged(cfg, projected):
                 break
         else:
             path.bound(f"escalation.max_levels={cfg.max_levels} reached")
         self.outcome.escalation = path.to_dict()
         log.info("escalation %s: %s", path.state, path.reason)
+
+    def _over_cap(self, level: int, cost: int) -> str | None:
+        """Why spending ``cost`` more purifications passes the cap; ``None`` if it does not."""
+        cap, n = self.plan.escalation.calls_cap, len(self.y)
+        if cap is None or (self.total_purify + cost) / n <= cap:
+            return None
+        return (
+            f"level {level} would bring the row to about {(self.total_purify + cost) / n:.0f} "
+            f"purifications per image, over the cap of {cap} (escalation.calls_cap)"
+        )
+
+    def _escalate_level(
+        self, level: int, budget: Budget, spec: AttackPlan, mask: Tensor
+    ) -> float | None:
+        """One level on ``mask``: its probe first, then the rest unless the probe settles it.
+
+        Returns the images the probe projects the unattacked survivors would lose (0 when the
+        level attacked every survivor), or ``None`` when the rest would pass the cap (bound).
+        """
+        p, cfg, path = self.plan, self.plan.escalation, self.path
+        assert path is not None
+        before, clock, n = self.total_purify, time.perf_counter(), len(self.y)
+        k = len(p.attacks) + 2 * (level - 1)
+        count = int(mask.sum())
+        first = mask
+        if cfg.probe is not None and count > cfg.probe:
+            first = probe_sample(mask, cfg.probe, seeds.escalation_probe(p.seed, level))
+        acc = path.accuracy
+        attacked = self.attack(k, f"{STAGE}{level}", spec, mask=first).n_attacked
+        probe, projected, over = None, 0.0, None
+        if first is not mask:
+            rest = mask & ~first
+            lost = (acc - self._rules()[p.decision.headline]) * n
+            projected = projection(cfg.probe, lost, int(rest.sum()))
+            change = (lost + projected) / n
+            if change <= tolerance(cfg, acc, n):
+                probe = {"survivors": count, "probed": cfg.probe, "broken": lost}
+                probe["projected"] = projected
+                log.info("escalation level %d: the probe settles it (%s)", level, probe)
+            else:
+                projected = 0.0
+                over = self._over_cap(level, estimate(budget, int(rest.sum()), p.decision.draws))
+            if over is None and probe is None:
+                more = self.attack(k + 1, f"{STAGE}{level}+", spec, mask=rest)
+                attacked += more.n_attacked
+        path.levels.append(
+            Level(
+                level,
+                budget.to_dict(),
+                attacked,
+                self.total_purify - before,
+                time.perf_counter() - clock,
+                self._rules(),
+                probe,
+            )
+        )
+        if over:
+            path.bound(over)
+            return None
+        return projected
 
     def summarize(self) -> None:
         """Robust counts over the whole suite, the run's cost and the per-image table."""
