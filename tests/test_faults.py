@@ -408,6 +408,20 @@ def _sweep_config(sweep: Path) -> DictConfig:
     return OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}, "job": {"name": "eval"}}})
 
 
+def test_a_sweep_outside_the_results_dir_builds_from_its_own_records(tmp_path: Path) -> None:
+    """hydra.sweep.dir=... elsewhere: the callback reads the sweep's records with the results'."""
+    results, sweep = tmp_path / "results", tmp_path / "elsewhere" / "sweep"
+    write_record(make_record(classifier="old"), results / "runs" / "old")
+    write_record(make_record(classifier="new"), _job(sweep, "classifier=new", ()))
+    out = tmp_path / "board"
+    LeaderboardCallback(records=str(results), out=str(out)).on_multirun_end(_sweep_config(sweep))
+    board = (out / "leaderboard.md").read_text()
+    assert "No records" not in board
+    rows = [line for line in board.splitlines() if line.startswith("| fashion_mnist")]
+    classifiers = {[cell.strip() for cell in r.split("|")][3] for r in rows}
+    assert len(rows) == 2 and classifiers == {"old", "new"}
+
+
 def test_sweep_summary_counts_jobs_that_wrote_no_record(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -437,7 +451,7 @@ def test_sweep_summary_counts_jobs_that_wrote_no_record(
         f"sweep job {crashed} failed: RuntimeError: boom",
     ]
     (summary,) = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
-    assert summary.endswith("(2 rows, 2 failed jobs in this sweep)")
+    assert summary.endswith("(2 rows; this sweep: 2 records, 2 failed jobs)")
     # The leaderboard is still rebuilt from the records: the crashed job's row says why.
     board = (out / "leaderboard.md").read_text()
     assert "failed: RuntimeError: boom" in board

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,46 @@ def test_one_row_per_configuration_newest_completed_wins() -> None:
     assert len(table) == 1
     assert table.loc[0, "robust"] == 20.0
     assert table.loc[0, "status"] == "completed"
+
+
+def test_two_configurations_of_one_defense_are_two_rows_and_runs_are_counted() -> None:
+    pgd = dict(fingerprint="pgd64aaa", robust=40)
+    smoke = dict(fingerprint="smoke32b", robust=70)
+    table = build_leaderboard(
+        [
+            make_record(**pgd, finished="2026-01-01T00:00:00+00:00"),
+            make_record(**pgd, finished="2026-02-01T00:00:00+00:00", clean=91),
+            make_record(**smoke),
+        ]
+    )
+    assert len(table) == 2 and set(table["config"]) == {"pgd64aaa", "smoke32b"}
+    row = table.set_index("config").loc["pgd64aaa"]
+    assert row["runs"] == 2 and row["clean"] == 91.0  # the newest run of the configuration
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("threat", {"norm": "Linf", "eps": "abc", "name": "linf"}, "threat.eps='abc'"),
+        ("threat", {"norm": "Linf", "name": "linf"}, "threat.eps=None"),
+        ("n_samples", "64", "n_samples='64'"),
+        ("defense", None, "defense=None"),
+    ],
+)
+def test_a_mistyped_record_is_skipped_with_a_warning_naming_file_and_field(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, field: str, value: Any, named: str
+) -> None:
+    write_record(make_record(defense="good"), tmp_path / "runs" / "good")
+    bad = make_record(defense="bad").to_dict()
+    bad[field] = value
+    path = tmp_path / "runs" / "bad" / "record.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(bad))
+    with caplog.at_level(logging.WARNING):
+        written = write_leaderboard(tmp_path / "runs", tmp_path / "out")
+    assert list(written.table["defense"]) == ["good"]
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert str(path) in warning and named in warning
 
 
 def test_failed_configuration_shows_its_error_and_ranks_last() -> None:
@@ -293,8 +334,9 @@ def test_shards_of_different_configurations_are_refused(tmp_path: Path) -> None:
     overlapping[1].indices = overlapping[0].indices
     with pytest.raises(ShardConflictError, match="both evaluated image 0"):
         build_leaderboard(overlapping)
-    # Unsharded records of the same key are not shards: the newest completed one wins as before.
-    assert len(build_leaderboard([a[0], a[1], _flags_record(*_outcomes(40), 0)])) == 1
+    # A complete shard set and an unsharded run of another configuration are two rows.
+    table = build_leaderboard([a[0], a[1], _flags_record(*_outcomes(40), 0)])
+    assert len(table) == 2 and list(table["runs"]) == [1, 1]
 
 
 def test_cli_reports_a_shard_conflict_cleanly(
@@ -334,7 +376,8 @@ def test_pure_function_and_files(tmp_path: Path, capsys: pytest.CaptureFixture[s
     text = out.md.read_text()
     assert "| fashion_mnist" in text and "Linf 0.1" in text and "AutoAttack rand" in text
     assert "(figures/robust.png)" in text
-    assert out.csv.read_text().splitlines()[0].startswith("dataset,threat,classifier,defense,clean")
+    header = out.csv.read_text().splitlines()[0]
+    assert header.startswith("dataset,threat,classifier,defense,suite,profile,config,clean")
     assert (
         json.loads((tmp_path / "runs" / "1" / "record.json").read_text())["robust_acc"]["value"]
         == 0.4

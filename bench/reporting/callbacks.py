@@ -58,7 +58,10 @@ def _log_reason(job: Path, task_name: str | None) -> str:
 
 
 class LeaderboardCallback(Callback):
-    """Rebuild ``leaderboard.{md,csv}`` when a multirun ends (any launcher), and say what failed.
+    """Rebuild the leaderboard when a multirun ends (any launcher), and say what failed.
+
+    The sweep's own records (``hydra.sweep.dir``, wherever it points) are read together with
+    those under ``records``, so a sweep written outside the results dir still shows.
 
     Args:
         records: the folder searched for ``record.json`` files (the results dir).
@@ -74,11 +77,14 @@ class LeaderboardCallback(Callback):
         failed = failed_jobs(sweep_dir, OmegaConf.select(config, "hydra.job.name"))
         for where, error in failed:
             log.error("sweep job %s failed: %s", where, error)
-        written = write_leaderboard(self.records, self.out)
+        written = write_leaderboard(self.records, self.out, also=[sweep_dir])
         log.info(
-            "leaderboard rebuilt from %s: %s (%d rows, %d failed jobs in this sweep)",
+            "leaderboard rebuilt from %s and %s: %s (%d rows; this sweep: %d records, %d failed "
+            "jobs)",
             self.records,
+            sweep_dir,
             written.md,
             len(written.table),
+            len(collect_records(sweep_dir)),
             len(failed),
         )

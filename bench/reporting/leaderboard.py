@@ -1,9 +1,12 @@
 """The leaderboard: a pure function from run records to a table, plus writing every output.
 
-One row per dataset, threat, classifier and defense. Shards of one configuration are merged
-into one row first (:mod:`bench.reporting.merge`). When a configuration was run several times
-the newest completed record (or complete shard set) wins; a configuration whose every run
-failed shows ``failed`` with the reason.
+One row per configuration: dataset, threat, classifier, defense and the record's fingerprint
+(the resolved configuration: suite and budgets, profile, images, the defense's arguments), so
+a PGD-1 run never replaces an adaptive one. Shards of one configuration are merged into one row
+first (:mod:`bench.reporting.merge`). When a configuration was run several times the newest
+completed record (or complete shard set) wins and ``runs`` says how many there were; a
+configuration whose every run failed shows ``failed`` with the reason. A record with a
+mistyped field is skipped with a warning naming the file and the field.
 
 Rows are ranked within each dataset and threat: rows with numbers first; among them trusted
 rows (verdict ``converged``, ``bound``, ``not run``, or older records' ``ok``) above the rows
@@ -30,7 +33,7 @@ from bench.reporting import columns
 from bench.reporting.columns import FAILED_MARK, KEY
 from bench.reporting.figures import FIGURES, make_figures
 from bench.reporting.merge import Entry, ShardConflictError, merge_accuracies, merge_shards
-from bench.reporting.records import RECORD_NAME, RunRecord
+from bench.reporting.records import RECORD_NAME, RecordError, RunRecord, check_record
 from bench.reporting.writers import public, to_csv, to_html, to_markdown
 
 __all__ = [
@@ -56,20 +59,36 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def collect_records(root: Path) -> list[tuple[Path, RunRecord]]:
-    """Every ``record.json`` under ``root`` (unreadable ones are skipped with a warning)."""
+def collect_records(*roots: Path) -> list[tuple[Path, RunRecord]]:
+    """Every ``record.json`` under the ``roots``, each file once.
+
+    Unreadable records and records with a mistyped field are skipped with a warning that names
+    the file and the field.
+    """
+    paths = sorted({p.resolve() for root in roots for p in Path(root).rglob(RECORD_NAME)})
     found = []
-    for path in sorted(Path(root).rglob(RECORD_NAME)):
+    for path in paths:
         try:
             with open(path) as fh:
-                found.append((path, RunRecord.from_dict(json.load(fh))))
-        except (OSError, ValueError, TypeError, KeyError) as err:
-            log.warning("skipping unreadable record %s: %s", path, err)
+                found.append((path, check_record(RunRecord.from_dict(json.load(fh)))))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+            log.warning("skipping record %s: %s", path, err)
     return found
 
 
 def _as_pair(item: RunRecord | tuple[Path | None, RunRecord]) -> tuple[Path | None, RunRecord]:
     return (None, item) if isinstance(item, RunRecord) else item
+
+
+def _checked(
+    items: Iterable[RunRecord | tuple[Path | None, RunRecord]],
+) -> Iterable[tuple[Path | None, RunRecord]]:
+    """The usable records; a mistyped one is skipped with a warning naming it and the field."""
+    for path, record in map(_as_pair, items):
+        try:
+            yield path, check_record(record)
+        except RecordError as err:
+            log.warning("skipping record %s: %s", path or f"of {record.defense!r}", err)
 
 
 def rank(records: Iterable[RunRecord | tuple[Path | None, RunRecord]]) -> pd.DataFrame:
@@ -81,11 +100,13 @@ def rank(records: Iterable[RunRecord | tuple[Path | None, RunRecord]]) -> pd.Dat
     Raises:
         ShardConflictError: see :func:`merge_shards`.
     """
-    rows = [columns.row(e) for e in merge_shards(_as_pair(item) for item in records)]
+    rows = [columns.row(e) for e in merge_shards(_checked(records))]
     if not rows:
         return pd.DataFrame(columns=columns.order(()))
     table = pd.DataFrame(rows)
     table = table.sort_values(columns.NEWEST)
+    # One row per configuration: its newest run, with how many runs it had.
+    table[columns.RUNS] = table.groupby(KEY)[columns.RUNS].transform("size")
     table = table.groupby(KEY, as_index=False).tail(1)
     table = table.sort_values(
         list(columns.RANKING),
@@ -96,7 +117,7 @@ def rank(records: Iterable[RunRecord | tuple[Path | None, RunRecord]]) -> pd.Dat
 
 
 def build_leaderboard(records: Iterable[RunRecord | tuple[Path | None, RunRecord]]) -> pd.DataFrame:
-    """Rank records into one row per (dataset, threat, classifier, defense).
+    """Rank records into one row per configuration (see the module docstring).
 
     Args:
         records: records, or ``(path, record)`` pairs (the paths name records in errors).
@@ -149,16 +170,21 @@ def _write_figures(pngs: dict[str, bytes], fig_dir: Path) -> dict[str, Path]:
     return figures
 
 
-def write_leaderboard(records_root: Path, out_dir: Path) -> Written:
+def write_leaderboard(records_root: Path, out_dir: Path, *, also: Iterable[Path] = ()) -> Written:
     """Build the leaderboard from the records under ``records_root`` and write every output.
 
     Writes ``leaderboard.md``, ``leaderboard.csv``, ``leaderboard.html`` and
     ``figures/<name>.png`` into ``out_dir``; figures that no longer have data are removed.
 
+    Args:
+        records_root: the folder searched for records.
+        out_dir: where the pages go.
+        also: more folders searched (a sweep's own dir); a record under two is read once.
+
     Raises:
         ShardConflictError: shards of one row from different configurations.
     """
-    full = rank(collect_records(records_root))
+    full = rank(collect_records(records_root, *also))
     out_dir = Path(out_dir)
     pngs = make_figures(full)
     figures = _write_figures(pngs, out_dir / "figures")

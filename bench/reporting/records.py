@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +116,50 @@ class RunRecord:
             for rule, accs in data.get("rules", {}).items()
         }
         return cls(**data)
+
+
+class RecordError(ValueError):
+    """A parseable record whose field has the wrong type or value (the message names it)."""
+
+
+def _bad(field: str, value: Any, allowed: str) -> RecordError:
+    return RecordError(f"field {field}={value!r} is not allowed; it must be {allowed}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def check_record(record: RunRecord) -> RunRecord:
+    """``record`` if every field the leaderboard reads has a usable type; else :class:`RecordError`.
+
+    A record is JSON anyone may edit or another version may have written: one bad field must
+    cost that record, never the whole leaderboard.
+    """
+    for name in ("status", "dataset", "classifier", "defense", "finished", "fingerprint"):
+        if not isinstance(getattr(record, name), str):
+            raise _bad(name, getattr(record, name), "a string")
+    if not isinstance(record.threat, dict):
+        raise _bad("threat", record.threat, "a mapping with norm and eps")
+    if not isinstance(record.threat.get("norm"), str):
+        raise _bad("threat.norm", record.threat.get("norm"), "a string such as 'Linf'")
+    if not _number(record.threat.get("eps")) or record.threat["eps"] < 0:
+        raise _bad("threat.eps", record.threat.get("eps"), "a finite number >= 0")
+    if isinstance(record.n_samples, bool) or not isinstance(record.n_samples, int):
+        raise _bad("n_samples", record.n_samples, "an integer")
+    for name in ("wall_s",):
+        if not _number(getattr(record, name)):
+            raise _bad(name, getattr(record, name), "a finite number")
+    for name in ("choices", "config", "cost", "decision", "diagnostics", "escalation"):
+        if not isinstance(getattr(record, name), dict):
+            raise _bad(name, getattr(record, name), "a mapping")
+    accuracies = {"clean_acc": record.clean_acc, "robust_acc": record.robust_acc}
+    accuracies.update({f"attacks.{a}.robust_acc": r.robust_acc for a, r in record.attacks.items()})
+    for name, acc in accuracies.items():
+        for part in ("value", "low", "high"):
+            if acc is not None and not _number(getattr(acc, part)):
+                raise _bad(f"{name}.{part}", getattr(acc, part), "a finite number")
+    return record
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
