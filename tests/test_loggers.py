@@ -6,12 +6,17 @@ import json
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from hydra.utils import instantiate
+from torchvision.utils import make_grid
 
-from bench.reporting.loggers import metrics
+from bench.reporting.loggers import WandbLogger, diagnostic_rows, escalation_rows, metrics
 from bench.run import evaluate
 from common.errors import ConfigError
 from tests.conftest import fast_overrides
+from tests.test_leaderboard import make_record
 
 
 def test_wandb_offline_logs_metrics_tables_and_images(
@@ -39,11 +44,13 @@ def test_wandb_offline_logs_metrics_tables_and_images(
     assert "suite" in logged["config"] and "defense" in logged["config"]
     files = runs[0] / "files" / "media"
     assert list((files / "images").glob("images_*.png")), "the clean/adversarial/purified grid"
+    assert logged["summary"]["escalation"] == record.escalation["reason"]
     tables = {p.name.split("_")[0]: json.loads(p.read_text()) for p in (files / "table").iterdir()}
     assert {"attack", "robust", "grad"} <= set(tables["attacks"]["columns"])
     names = [row[0] for row in tables["attacks"]["data"]]
     assert names[:2] == ["pgd", "apgd_ce"] and all(n.startswith("escalate@") for n in names[2:])
     assert {"defense", "robust"} <= set(tables["leaderboard"]["columns"])
+    assert {"level", "accuracy"} <= set(tables["escalation"]["columns"])
 
 
 def _read_offline_run(path: Path) -> dict[str, dict]:
@@ -92,3 +99,57 @@ def test_bad_logger_mode_fails_before_work(compose_cfg, cache_dir: Path, tmp_pat
     with pytest.raises(ConfigError, match="logger.mode='live'"):
         evaluate(cfg, output_dir=tmp_path / "run", choices={"defense": "none"})
     assert not (tmp_path / "run" / "record.json").exists()
+
+
+def test_the_image_grid_arrives_with_the_pixel_values_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """wandb casts float arrays to uint8 as they are: the logger hands it uint8 pixels."""
+    from PIL import Image
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    gen = torch.Generator().manual_seed(0)
+    examples = {
+        "clean": torch.rand(4, 1, 8, 8, generator=gen),
+        "pgd": torch.rand(4, 1, 8, 8, generator=gen),
+    }
+    WandbLogger(dir=str(tmp_path), grid_images=4).log_run(make_record(), examples, None)
+    (png,) = (tmp_path / "wandb").glob("offline-run-*/files/media/images/images_*.png")
+    decoded = torch.from_numpy(np.array(Image.open(png).convert("RGB"))).int()
+    expected = make_grid(torch.cat(list(examples.values())), nrow=4)
+    expected = expected.mul(255).round().permute(1, 2, 0).int()
+    assert decoded.shape == expected.shape and decoded.max() > 200  # not a black grid
+    assert (decoded - expected).abs().max() <= 1
+
+
+def test_wandb_mode_and_dir_come_from_the_environment(
+    compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "dash"))
+    logger = instantiate(compose_cfg(["logger=wandb"]).logger)
+    assert logger.mode == "offline" and logger.dir == tmp_path / "dash"
+    override = instantiate(compose_cfg(["logger=wandb", "logger.mode=disabled"]).logger)
+    assert override.mode == "disabled"  # the command line wins over the environment
+
+
+def test_escalation_and_diagnostics_tables() -> None:
+    record = make_record()
+    record.escalation = {
+        "headline": "single",
+        "levels": [
+            {"level": 0, "budget": {"steps": 10}, "attacked": 100, "rules": {"single": 0.3}},
+            {
+                "level": 1,
+                "budget": {"steps": 20},
+                "attacked": 32,
+                "rules": {"single": 0.29},
+                "probe": {"projected": 1.5},
+            },
+        ],
+    }
+    record.diagnostics = {"checks": {"unbounded": {"passed": True, "value": 0.0, "detail": "ok"}}}
+    levels = escalation_rows(record)
+    assert list(levels["accuracy"]) == [0.3, 0.29] and levels["projected_images"].iloc[1] == 1.5
+    checks = diagnostic_rows(record)
+    assert checks.loc[0, "check"] == "unbounded" and bool(checks.loc[0, "passed"])

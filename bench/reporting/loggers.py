@@ -2,8 +2,9 @@
 
 The record stays the source of truth; a logger only mirrors it. ``logger=wandb`` (offline by
 default) logs the config, the metrics under slash paths (``acc/clean``, ``acc/robust``,
-``acc/robust/<attack>``, ``acc/<rule>/robust``, ``cost/...``), the per-attack table, an image grid
-(clean, adversarial and purified images of each attack) and the current leaderboard.
+``acc/robust/<attack>``, ``acc/<rule>/robust``, ``cost/...``), the per-attack, escalation and
+diagnostics tables, an image grid (clean, adversarial and purified images of each attack) and
+the current leaderboard.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from common.checks import choice, positive_int
 log = logging.getLogger(__name__)
 
 MODES = ("offline", "online", "disabled")
+# wandb's older names for the modes, as WANDB_MODE may carry them.
+MODE_ALIASES = {"dryrun": "offline", "run": "online"}
 
 
 def metrics(record: RunRecord) -> dict[str, float]:
@@ -70,15 +73,58 @@ def attack_rows(record: RunRecord) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def escalation_rows(record: RunRecord) -> pd.DataFrame:
+    """One row per escalation level (level 0 is the suite): budget, cost, headline accuracy."""
+    path = record.escalation or {}
+    rows = []
+    for lv in path.get("levels", []):
+        budget, probe = lv.get("budget", {}), lv.get("probe") or {}
+        rows.append(
+            {
+                "level": lv.get("level"),
+                "steps": budget.get("steps"),
+                "eot_samples": budget.get("eot_samples"),
+                "restarts": budget.get("restarts"),
+                "attacked": lv.get("attacked"),
+                "purifications_per_image": lv.get("purifications_per_image"),
+                "wall_s": lv.get("wall_s"),
+                "accuracy": lv.get("rules", {}).get(path.get("headline", record.headline_rule)),
+                "projected_images": probe.get("projected"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def diagnostic_rows(record: RunRecord) -> pd.DataFrame:
+    """One row per diagnostic check: passed, its measured value and its sentence."""
+    checks = (record.diagnostics or {}).get("checks", {})
+    return pd.DataFrame(
+        [
+            {
+                "check": name,
+                "passed": c.get("passed"),
+                "value": str(c.get("value")),
+                "detail": c.get("detail"),
+            }
+            for name, c in checks.items()
+        ]
+    )
+
+
 def image_grid(examples: dict[str, Tensor], n: int) -> Tensor | None:
-    """Rows of ``n`` images: clean, then each attack's adversarial and purified images."""
+    """Rows of ``n`` images: clean, then each attack's adversarial and purified images.
+
+    Returns ``uint8`` pixels, height x width x channels: wandb casts a float array to ``uint8``
+    as it is, so images in [0, 1] would arrive black (brightest pixel 1/255).
+    """
     from torchvision.utils import make_grid
 
     rows = [examples[k][:n] for k in examples if examples[k] is not None and len(examples[k])]
     if not rows:
         return None
     width = min(len(r) for r in rows)
-    return make_grid(torch.cat([r[:width] for r in rows]).float().clamp(0, 1), nrow=width)
+    grid = make_grid(torch.cat([r[:width] for r in rows]).float().clamp(0, 1), nrow=width)
+    return grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
 
 
 class NoLogger:
@@ -100,8 +146,9 @@ class WandbLogger:
         project: the W&B project.
         entity: the team or user (``None``: the account's default).
         mode: ``offline`` (default; written under ``dir``, upload later with ``wandb sync``),
-            ``online`` (needs an account) or ``disabled``.
-        dir: parent of the ``wandb/`` folder.
+            ``online`` (needs an account) or ``disabled``; ``conf/logger/wandb.yaml`` takes it
+            from ``WANDB_MODE`` when that is set.
+        dir: parent of the ``wandb/`` folder (``WANDB_DIR`` when set, in the same YAML).
         tags: run tags.
         grid_images: images per row of the image grid.
     """
@@ -115,6 +162,7 @@ class WandbLogger:
         tags: list[str] | None = None,
         grid_images: int = 8,
     ) -> None:
+        mode = MODE_ALIASES.get(mode, mode)
         choice("logger.mode", mode, MODES)
         positive_int("logger.grid_images", grid_images)
         import wandb  # noqa: F401  (fail at plan time, not after the evaluation, if missing)
@@ -152,16 +200,22 @@ class WandbLogger:
                 {
                     "status": record.status,
                     "verdict": str(record.verdict),
+                    "escalation": (record.escalation or {}).get("reason"),
                     "defense_info": asdict_safe(record.defense_info),
                 }
             )
-            table = attack_rows(record)
-            if not table.empty:
-                run.log({"attacks": wandb.Table(dataframe=table)})
+            tables = {
+                "attacks": attack_rows(record),
+                "escalation": escalation_rows(record),
+                "diagnostics": diagnostic_rows(record),
+            }
+            for key, table in tables.items():
+                if not table.empty:
+                    run.log({key: wandb.Table(dataframe=table)})
             grid = image_grid(examples, self.grid_images)
             if grid is not None:
                 caption = " / ".join(k for k in examples if examples[k] is not None)
-                run.log({"images": wandb.Image(grid, caption=f"rows: {caption}")})
+                run.log({"images": wandb.Image(grid.numpy(), caption=f"rows: {caption}")})
             if leaderboard is not None and not leaderboard.empty:
                 run.log({"leaderboard": wandb.Table(dataframe=leaderboard.astype(str))})
             self.run_dir = Path(run.dir).parent
