@@ -89,3 +89,33 @@ class TrainingProgress:
                 ", ".join(f"{k} {v}" for k, v in shown.items()),
                 now - self._start,
             )
+
+
+class Heartbeat:
+    """A log line at most every ``seconds`` from code that runs inside another library's loop.
+
+    The attacks (torchattacks', AutoAttack's, the harness's own) loop by themselves; every one of
+    them calls the attack view, so the view beats and a person or a cluster log sees the run
+    move during each phase (clean judging, attacks, escalation, diagnostics), not only at its
+    end. The first line of a stage comes ``seconds`` after the stage began.
+
+    Args:
+        logger: where the lines go.
+        seconds: the least time between two lines.
+    """
+
+    def __init__(self, logger: logging.Logger | None = None, seconds: float = LOG_SECONDS) -> None:
+        self._log, self.seconds = logger or log, seconds
+        self.stage: str | None = None
+        self._stage_start = self._last = time.perf_counter()
+
+    def beat(self, stage: str, detail: str) -> None:
+        """Note progress in ``stage``; log ``detail`` if the last line is old enough."""
+        now = time.perf_counter()
+        if stage != self.stage:
+            self.stage, self._stage_start, self._last = stage, now, now
+            return
+        if now - self._last < self.seconds:
+            return
+        self._last = now
+        self._log.info("%s: %s (%.0f s in this stage)", stage, detail, now - self._stage_start)

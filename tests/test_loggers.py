@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import json
+import logging
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
 from torchvision.utils import make_grid
 
+from bench.engine.attack_view import HEARTBEAT
 from bench.reporting.loggers import WandbLogger, diagnostic_rows, escalation_rows, metrics
 from bench.run import evaluate
+from common import progress
 from common.errors import ConfigError
+from defenses.noise import GaussianNoise
 from tests.conftest import fast_overrides
 from tests.test_leaderboard import make_record
 
@@ -153,3 +159,31 @@ def test_escalation_and_diagnostics_tables() -> None:
     assert list(levels["accuracy"]) == [0.3, 0.29] and levels["projected_images"].iloc[1] == 1.5
     checks = diagnostic_rows(record)
     assert checks.loc[0, "check"] == "unbounded" and bool(checks.loc[0, "passed"])
+
+
+class SlowNoise(GaussianNoise):
+    """Gaussian noise that takes a few milliseconds per call, like a small purifier."""
+
+    def purify(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        time.sleep(0.003)
+        return super().purify(x, generator=generator)
+
+
+def test_a_run_logged_to_a_file_shows_progress_at_a_steady_interval(
+    compose_cfg, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """No terminal: log lines at least every interval in every phase (1 s here, 30 s by default)."""
+    monkeypatch.setattr(HEARTBEAT, "seconds", 1.0)
+    monkeypatch.setattr(progress, "LOG_SECONDS", 1.0)
+    cfg = compose_cfg([*fast_overrides(cache_dir, tmp_path), "profile=quick", "n_samples=64"])
+    with open_dict(cfg):
+        cfg.defense = OmegaConf.create({"_target_": f"{__name__}.SlowNoise", "sigma": 0.1})
+    caplog.set_level(logging.INFO)
+    evaluate(cfg, output_dir=tmp_path / "run", choices={"defense": "slownoise"})
+    times = [r.created for r in caplog.records if r.name.startswith(("bench", "common"))]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert len(times) > 10 and max(gaps) < 3.0, f"longest silence {max(gaps):.1f} s"
+    text = caplog.text
+    # Heartbeats from inside AutoAttack's own loop (the view beats), and per-batch lines.
+    assert "attack 'apgd_ce': " in text and "images through the view" in text
+    assert "still robust" in text and "about" in text and "s left" in text

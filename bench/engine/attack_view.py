@@ -31,6 +31,7 @@ gradient are set to zero. :class:`PassCounter` counts the images whose gradient 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from typing import Any
@@ -43,7 +44,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 from common import seeds
 from common.checks import flag, optional_positive_int
 from common.errors import ConfigError, ContractViolation, NonFiniteError
+from common.progress import Heartbeat
 from defenses.base import Defense, has_own_predict
+
+log = logging.getLogger(__name__)
+# One per process: every view beats it, so a phase logs one line per interval, not one per view.
+HEARTBEAT = Heartbeat(log)
 
 GRAD_MODES = ("exact", "bpda", "surrogate", "transfer")
 EOT_REDUCTIONS = ("logits", "loss")
@@ -383,6 +389,12 @@ class AttackView(nn.Module):
 
     def _logits(self, x: Tensor, seed: int) -> Tensor:
         self.counter.forward += len(x)
+        c = self.counter
+        HEARTBEAT.beat(
+            self.stage,
+            f"{c.forward} images through the view, {c.purify} purifications, {c.gradients} "
+            f"input gradients (grad={self.options.grad}, EOT {self.eot_samples})",
+        )
         if self.options.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.options.precision == "fp32":

@@ -157,16 +157,51 @@ class AttackRun:
     ) -> list[BatchResult]:
         """Every batch of ``x``: finished ones from ``state``, the rest attacked and saved."""
         done = state.done(self.name)
-        out = []
+        out: list[BatchResult] = []
         starts = range(0, len(x), self.batch_size)
+        clock, ran = time.perf_counter(), 0
         for b, i in enumerate(tqdm(starts, desc=self.name, leave=False, disable=None)):
             if b not in done:
                 xb = x[i : i + self.batch_size].to(device)
                 state.save_batch(
                     self.name, b, self.batch(b, xb, y[i : i + self.batch_size].to(device))
                 )
+                ran += 1
             out.append(done[b])
+            self._progress(out, y, ran, time.perf_counter() - clock, len(starts))
         return out
+
+    def _progress(
+        self, out: list[BatchResult], y: Tensor, ran: int, seconds: float, batches: int
+    ) -> None:
+        """One line per batch: images done, the share judged correct so far, time left."""
+        n = sum(o.preds.shape[1] for o in out)
+        correct = sum(
+            float((o.preds == y[j : j + o.preds.shape[1]]).float().mean(0).sum())
+            for j, o in zip(_offsets(out), out, strict=True)
+        )
+        left = seconds / ran * (batches - len(out)) if ran else 0.0
+        log.info(
+            "%s: batch %d/%d, %d of %d images attacked, %.1f still robust (avg over draws), "
+            "%.0f s, about %.0f s left",
+            self.name,
+            len(out),
+            batches,
+            n,
+            len(y),
+            correct,
+            seconds,
+            left,
+        )
+
+
+def _offsets(batches: list[BatchResult]) -> list[int]:
+    """Where each batch's images start in the attacked images."""
+    starts, at = [], 0
+    for o in batches:
+        starts.append(at)
+        at += o.preds.shape[1]
+    return starts
 
 
 @dataclass

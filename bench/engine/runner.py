@@ -162,6 +162,7 @@ class Runner:
         """Judge every clean image ``draws`` times (or take the judgement from the checkpoint)."""
         p, state = self.plan, self.state
         clock = time.perf_counter()
+        self.judge.view.stage = "clean judging"
         if state.clean is None:
             self.judge.view.reseed(seeds.evaluation(p.seed))
             state.save_clean(self.judge.predictions(self.x, p.device))
