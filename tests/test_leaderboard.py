@@ -6,7 +6,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
+from scipy.stats import binomtest
 
 from bench.cli import main as cli_main
 from bench.reporting import columns
@@ -18,10 +20,13 @@ from bench.reporting.leaderboard import (
     collect_records,
     merge_accuracies,
     merge_shards,
+    rank,
+    to_html,
     to_markdown,
     write_leaderboard,
 )
 from bench.reporting.metrics import Accuracy
+from bench.reporting.paired import mcnemar
 from bench.reporting.records import AttackResult, RunRecord, read_record, write_record
 
 EXACT_VIEW = {"grad": "exact", "eot_samples": 1, "randomness": "fresh"}
@@ -154,10 +159,11 @@ def test_one_failed_job_of_a_sweep_leaves_the_others_intact() -> None:
         make_record(classifier="c", robust=40),
     ]
     table = build_leaderboard(sweep)
-    assert list(table["classifier"]) == ["c", "a", "b"]
-    assert list(table["status"]) == ["completed", "completed", "failed: RuntimeError: boom"]
-    assert table["robust"].isna()[2]
-    assert table.loc[2, "verdict"] == ""
+    # Each classifier is its own group (classifiers are not ranked against each other).
+    assert list(table["classifier"]) == ["a", "b", "c"]
+    assert list(table["status"]) == ["completed", "failed: RuntimeError: boom", "completed"]
+    assert table["robust"].isna()[1]
+    assert table.loc[1, "verdict"] == ""
 
 
 def test_rows_ranked_by_robust_accuracy_with_per_attack_columns() -> None:
@@ -173,14 +179,16 @@ def test_rows_ranked_by_robust_accuracy_with_per_attack_columns() -> None:
     assert len(build_leaderboard([*records, make_record(classifier="weak", eps=0.2)])) == 3
 
 
-def test_failed_diagnostics_never_rank_above_a_trusted_row() -> None:
+def test_a_failed_row_keeps_its_place_and_says_it_failed() -> None:
     lying = make_record(defense="masked", robust=80, verdict=["unbounded", "eps_monotone"])
     honest = make_record(defense="honest", robust=30, verdict="ok")
     unchecked = make_record(defense="unchecked", robust=20, verdict="not run")
     table = build_leaderboard([lying, unchecked, honest])
-    assert list(table["defense"]) == ["honest", "unchecked", "masked"]
-    assert table.loc[2, "verdict"] == FAILED_MARK + "unbounded, eps_monotone"
-    assert table.loc[2, "robust"] == 80.0  # shown, but ranked below
+    assert list(table["defense"]) == ["masked", "honest", "unchecked"]
+    assert table.loc[0, "verdict"] == FAILED_MARK + "unbounded, eps_monotone"
+    assert table.loc[0, "robust"] == 80.0  # in place by its number, marked as not to be trusted
+    page = to_html(rank([lying, unchecked, honest]))
+    assert 'class="untrusted"' in page
 
 
 def test_rule_gradient_modes_cost_and_paper_columns() -> None:
@@ -458,3 +466,45 @@ def test_every_public_column_comes_from_the_table() -> None:
     assert columns.column("calls/img").name == "calls/img"
     assert columns.column("calls/pgd").name == "calls/" and columns.column("calls/pgd").per_attack
     assert list(table.columns).index("robust/apgd") + 1 == list(table.columns).index("robust/pgd")
+
+
+# -- paired comparison and tiers -------------------------------------------------------------
+
+
+def test_mcnemar_counts_the_discordant_images_only() -> None:
+    idx = list(range(10))
+    defended = pd.Series([1.0] * 7 + [0.75, 0.25, 0.0], index=idx)  # avg: 0.75 counts robust
+    bare = pd.Series([0.0] * 8 + [1.0, 0.0], index=idx)
+    diff, p = mcnemar(defended, bare)
+    assert diff == pytest.approx(100 * (8.0 - 1.0) / 10)
+    assert p == pytest.approx(binomtest(8, 9, 0.5).pvalue)  # 8 gained, 1 lost
+    assert mcnemar(defended, bare.iloc[:5]) is None  # not the same images
+
+
+def _with_per_sample(root: Path, name: str, record: RunRecord, robust: list[float]) -> None:
+    out = root / name
+    record.per_sample_file = "per_sample.csv"
+    write_record(record, out)
+    pd.DataFrame({"index": record.indices, "robust": robust}).to_csv(out / "per_sample.csv")
+
+
+def test_each_purifier_is_compared_with_its_own_baseline_on_the_same_images(
+    tmp_path: Path,
+) -> None:
+    n = 40
+    bare = [1.0] * 4 + [0.0] * 36  # 10%
+    purifier = [1.0] * 4 + [0.75] * 16 + [0.25] * 20  # 4 + 16 robust on most draws: 50%
+    _with_per_sample(tmp_path, "none", make_record(robust=4, n=n, clean=n), bare)
+    _with_per_sample(tmp_path, "pur", make_record(defense="pur", robust=20, n=n, clean=n), purifier)
+    other = make_record(defense="pur2", classifier="at", robust=20, n=n, clean=n)
+    _with_per_sample(tmp_path, "pur2", other, purifier)  # no baseline of its classifier
+    table = write_leaderboard(tmp_path, tmp_path / "out").table.set_index("defense")
+    assert table.loc["pur", "vs bare"] == pytest.approx(100 * (4 + 12 + 5 - 4) / 40)
+    assert table.loc["pur", "p (McNemar)"] == pytest.approx(binomtest(16, 16, 0.5).pvalue)
+    assert pd.isna(table.loc["pur2", "vs bare"]) and pd.isna(table.loc["none", "vs bare"])
+
+
+def test_rows_whose_intervals_overlap_share_a_tier() -> None:
+    rows = [make_record(defense=d, robust=r) for d, r in (("a", 60), ("b", 55), ("c", 20))]
+    table = build_leaderboard(rows)
+    assert list(table["tier"]) == [1, 1, 2]

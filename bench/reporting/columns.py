@@ -236,6 +236,11 @@ COLUMNS: list[Column] = [
     Column("robust", _if_numbers(lambda r: _pct(r.robust_acc))),
     Column("robust 95% CI", _if_numbers(lambda r: _ci(r.robust_acc), "")),
     Column("paper robust", lambda e: _paper(e).get("robust")),
+    # Filled by the ranking (bench.reporting.paired): paired difference to the bare classifier
+    # on the same images, its exact McNemar p-value, and the tier of overlapping intervals.
+    Column("vs bare", lambda e: None, fmt="+.2f"),
+    Column("p (McNemar)", lambda e: None, fmt=".2g"),
+    Column("tier", lambda e: None),
     Column("rule", _rule),
     Column("robust worst@N", _if_numbers(_worst)),
     Column(
@@ -282,12 +287,13 @@ KEY = [c.name for c in COLUMNS if c.key]
 # newest run with numbers, complete shard sets before partial ones, failed runs only where
 # nothing completed.
 NEWEST = ["_numbers", "_complete", "finished"]
-# How rows rank within a dataset and threat: column -> ascending.
+# How rows rank within a dataset, threat and classifier: column -> ascending. A row whose checks
+# failed keeps its place by its number and says so in `verdict` (and its shading).
 RANKING = {
     "dataset": True,
     "threat": True,
+    "classifier": True,
     "_numbers": False,
-    "_trusted": False,
     "robust": False,
     "clean": False,
 }
@@ -297,13 +303,16 @@ INTRO = (
     "worst case over the suite (an image counts only if it survives every attack) under the "
     "decision rule in `rule` (`single` pass, `avg` or `worst` over N fresh purifications, "
     "majority `vote`); 95% Wilson intervals. `paper clean` / `paper robust` are what a paper "
-    "reported for the same setting (`paper ref`: its attack and source). `robust/<attack>` is "
+    "reported for the same setting (`paper ref`: its attack and source). `vs bare` is the robust "
+    "accuracy minus that of the same classifier undefended on the same images, `p (McNemar)` "
+    "its exact paired test; rows of one dataset, threat and classifier whose intervals overlap "
+    "share a `tier`. `robust/<attack>` is "
     "the accuracy after that attack (cumulative in a cascade); `grad` the gradient modes the "
     "attacks used (with EOT samples); `escalate@L` is the suite's lead attack at escalation "
     "level L, run on the white-box survivors until the number stops moving. `verdict` is "
     "`converged at level L`, `bound` (still falling when the budget ran out, or the attack's "
     "view too noisy: the number is an upper bound) or the diagnostics that failed: a failed "
-    "row is not to be trusted and never ranks above a trusted one. `calls/img` is "
+    "row keeps its place by its number, shaded, and is not to be trusted. `calls/img` is "
     "purifier network evaluations per image over the whole run, `s/img` wall-clock seconds per "
     "image of evaluation (training or loading the networks and the diagnostics, which run on "
     "a fixed slice, excluded), `calls/<attack>` "

@@ -8,11 +8,12 @@ completed record (or complete shard set) wins and ``runs`` says how many there w
 configuration whose every run failed shows ``failed`` with the reason. A record with a
 mistyped field is skipped with a warning naming the file and the field.
 
-Rows are ranked within each dataset and threat: rows with numbers first; among them trusted
-rows (verdict ``converged``, ``bound``, ``not run``, or older records' ``ok``) above the rows
-whose diagnostics failed, which are marked; within each group by robust accuracy (the
-per-sample worst case over the suite), highest first. A failed row therefore never ranks
-above a trusted one, whatever its number.
+Rows are grouped by dataset, threat and classifier and ranked within each group: rows with
+numbers first, by robust accuracy (the per-sample worst case over the suite), highest first. A
+row whose diagnostics failed keeps its place and is marked (verdict and shading): a technicality
+never sinks it below the bare classifier. Each purifier is compared with its classifier's
+undefended row on the same images, and overlapping intervals share a tier
+(:mod:`bench.reporting.paired`).
 
 The columns, their formats and the ranking keys are one table, :mod:`bench.reporting.columns`;
 the pages are written by :mod:`bench.reporting.writers`, the figures drawn by
@@ -33,6 +34,7 @@ from bench.reporting import columns
 from bench.reporting.columns import FAILED_MARK, KEY
 from bench.reporting.figures import FIGURES, make_figures
 from bench.reporting.merge import Entry, ShardConflictError, merge_accuracies, merge_shards
+from bench.reporting.paired import add_paired, add_tiers
 from bench.reporting.records import RECORD_NAME, RecordError, RunRecord, check_record
 from bench.reporting.writers import public, to_csv, to_html, to_markdown
 
@@ -112,8 +114,9 @@ def rank(records: Iterable[RunRecord | tuple[Path | None, RunRecord]]) -> pd.Dat
         list(columns.RANKING),
         ascending=list(columns.RANKING.values()),
         na_position="last",
-    )
-    return table[columns.order(table.columns)].reset_index(drop=True)
+    ).reset_index(drop=True)
+    table = add_tiers(add_paired(table))
+    return table[columns.order(table.columns)]
 
 
 def build_leaderboard(records: Iterable[RunRecord | tuple[Path | None, RunRecord]]) -> pd.DataFrame:
