@@ -33,6 +33,7 @@ def test_wandb_offline_logs_metrics_tables_and_images(
         *fast_overrides(cache_dir, tmp_path),
         "n_samples=32",
         "logger=wandb",
+        "logger.mode=offline",  # CI exports WANDB_MODE=disabled, which the YAML would take
         "diagnostics.enabled=false",
     ]
     record = evaluate(
