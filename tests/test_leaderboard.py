@@ -382,7 +382,12 @@ def test_pure_function_and_files(tmp_path: Path, capsys: pytest.CaptureFixture[s
     out = write_leaderboard(tmp_path / "runs", tmp_path / "out")
     assert out.table.equals(build_leaderboard(records))
     text = out.md.read_text()
-    assert "| fashion_mnist" in text and "Linf 0.1" in text and "AutoAttack rand" in text
+    # Columns every row shares are said once above the main table, not repeated per row.
+    assert (
+        "Every row: dataset fashion_mnist, threat Linf 0.1" in text
+        and "| fashion_mnist" not in text
+    )
+    assert "AutoAttack rand" in text and "| <script>" in text
     assert "(figures/robust.png)" in text
     header = out.csv.read_text().splitlines()[0]
     assert header.startswith("dataset,threat,classifier,defense,suite,profile,config,clean")
@@ -450,8 +455,9 @@ def test_a_new_column_spec_shows_formatted_in_every_writer(
     assert csv[0].endswith(",finished,wall ms,eps/pgd")
     assert csv[1].endswith(",1234.560,0.25")  # csv_fmt, or the value as computed without one
     page = out.html.read_text()
-    assert "<th>wall ms</th><th>eps/pgd</th></tr>" in page
-    assert '<td class="num">1234.6</td><td class="num">0.2500</td></tr>' in page
+    # Per-attack columns are the CSV's and the detail pages', not the main table's.
+    assert "<th>wall ms</th></tr>" in page and "<th>eps/pgd</th>" not in page
+    assert '<td class="num">1234.6</td></tr>' in page
     assert "hidden value" not in md + out.csv.read_text() + page
 
 
@@ -508,3 +514,31 @@ def test_rows_whose_intervals_overlap_share_a_tier() -> None:
     rows = [make_record(defense=d, robust=r) for d, r in (("a", 60), ("b", 55), ("c", 20))]
     table = build_leaderboard(rows)
     assert list(table["tier"]) == [1, 1, 2]
+
+
+def test_every_row_has_a_detail_page_linked_from_the_main_table(tmp_path: Path) -> None:
+    r = make_record(defense="pur", attacks={"pgd": 30, "square": 28, "escalate@1": 25}, robust=25)
+    r.escalation = {
+        "state": "converged",
+        "reason": "level 1 changed the single accuracy by 3.00 points",
+        "headline": "single",
+        "levels": [
+            {"level": 0, "budget": {"steps": 10, "loss": ["ce"]}, "rules": {"single": 0.28}},
+            {"level": 1, "budget": {"steps": 20, "loss": ["ce"]}, "rules": {"single": 0.25}},
+        ],
+    }
+    r.diagnostics = {"checks": {"unbounded": {"passed": False, "value": 0.4, "detail": "ouch"}}}
+    r.cost = {"setup_s": 1.0, "attacks_s": 5.0, "diagnostics_s": 2.0}
+    write_record(r, tmp_path / "runs" / "pur")
+    out = write_leaderboard(tmp_path / "runs", tmp_path / "out")
+    (page,) = (tmp_path / "out" / "details").glob("*.html")
+    assert f'href="details/{page.name}"' in out.html.read_text()
+    text = page.read_text()
+    # The cascade in its real order, each stage with what it left standing.
+    assert text.index("<td>pgd</td>") < text.index("<td>square</td>") < text.index("escalate@1")
+    assert "level 1 changed the single accuracy" in text and "ouch" in text and "FAIL" in text
+    assert "diagnostics_s" in text and 'href="../../runs/pur/record.json"' in text
+    # A row that disappears takes its page with it.
+    (tmp_path / "runs" / "pur" / "record.json").unlink()
+    write_leaderboard(tmp_path / "runs", tmp_path / "out")
+    assert not list((tmp_path / "out" / "details").glob("*.html"))

@@ -33,6 +33,8 @@ class Column:
         csv_fmt: the format spec of a float in the CSV; ``None`` writes the value as computed.
         private: a ranking key or figure data, never shown (:func:`public` drops it).
         markdown: whether the Markdown page shows it (the CSV and HTML show every public one).
+        main: whether the main tables (Markdown, HTML) show it; otherwise only the CSV and the
+            detail pages do (long cells that would push the table past a screen's width).
         key: part of the row key: one row per dataset, threat, classifier, defense and
             configuration (the record's fingerprint).
         css: the class of its HTML cells.
@@ -45,6 +47,7 @@ class Column:
     csv_fmt: str | None = None
     private: bool = False
     markdown: bool = True
+    main: bool = True
     key: bool = False
     css: str = ""
     per_attack: bool = False
@@ -132,10 +135,10 @@ def _worst(record: RunRecord) -> float | None:
     return _pct(worst) if record.decision.get("draws", 1) > 1 else None
 
 
-def _grad_modes(entry: Entry) -> str:
+def grad_modes(record: RunRecord) -> str:
     """The gradient modes the suite's attacks used, with their EOT samples and randomness."""
     modes = []
-    for a in entry.record.attacks.values():
+    for a in record.attacks.values():
         if not a.view:
             continue
         mode = str(a.view.get("grad", "exact"))
@@ -248,7 +251,7 @@ COLUMNS: list[Column] = [
         _if_numbers(lambda r: {a: _pct(res.robust_acc) for a, res in r.attacks.items()}, {}),
         per_attack=True,
     ),
-    Column("grad", _grad_modes),
+    Column("grad", lambda e: grad_modes(e.record), main=False),
     Column("verdict", _if_numbers(_verdict, "")),
     Column("calls/img", _if_numbers(_calls)),
     Column("s/img", _if_numbers(_seconds), fmt=".3f"),
@@ -267,7 +270,7 @@ COLUMNS: list[Column] = [
     # Runs of this configuration (the row shows the newest); counted by the ranking.
     Column(RUNS, lambda e: 1),
     Column("status", _status),
-    Column("finished", lambda e: e.record.finished),
+    Column("finished", lambda e: e.record.finished, main=False),
     # Private columns: ranking keys and what the figures and the HTML page need.
     Column("_numbers", lambda e: e.has_numbers, private=True),
     Column("_complete", lambda e: e.complete, private=True),
@@ -279,6 +282,7 @@ COLUMNS: list[Column] = [
     Column("_norm", lambda e: e.record.threat.get("norm"), private=True),
     Column("_eps_curve", _if_numbers(_eps_curve, []), private=True),
     Column("_paths", lambda e: [str(p) for p in e.paths if p is not None], private=True),
+    Column("_record", lambda e: e.record, private=True),  # the detail page's source
     Column(ROW_CLASS, _row_class, private=True),
 ]
 

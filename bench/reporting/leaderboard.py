@@ -32,6 +32,7 @@ import pandas as pd
 
 from bench.reporting import columns
 from bench.reporting.columns import FAILED_MARK, KEY
+from bench.reporting.details import detail_page, slug
 from bench.reporting.figures import FIGURES, make_figures
 from bench.reporting.merge import Entry, ShardConflictError, merge_accuracies, merge_shards
 from bench.reporting.paired import add_paired, add_tiers
@@ -159,6 +160,23 @@ class Written:
     table: pd.DataFrame
 
 
+DETAILS = "details"
+
+
+def _write_details(full: pd.DataFrame, where: Path) -> None:
+    """One page per row; pages of rows that no longer exist are removed."""
+    where.mkdir(parents=True, exist_ok=True)
+    written = set()
+    for _, row in full.iterrows():
+        page = where / f"{slug(row.to_dict())}.html"
+        title = f"{row['defense']} / {row['classifier']} / {row['dataset']} {row['threat']}"
+        page.write_text(detail_page(row["_record"], list(row["_paths"]), page, title), "utf-8")
+        written.add(page)
+    for old in where.glob("*.html"):
+        if old not in written:
+            old.unlink()
+
+
 def _write_figures(pngs: dict[str, bytes], fig_dir: Path) -> dict[str, Path]:
     """Write the figures drawn; remove the files of those that no longer have data."""
     figures: dict[str, Path] = {}
@@ -196,5 +214,6 @@ def write_leaderboard(records_root: Path, out_dir: Path, *, also: Iterable[Path]
     rel = {name: f"figures/{p.name}" for name, p in figures.items()}
     md.write_text(to_markdown(full, rel), encoding="utf-8")
     csv.write_text(to_csv(full), encoding="utf-8")
-    page.write_text(to_html(full, pngs), encoding="utf-8")
+    page.write_text(to_html(full, pngs, detail_dir=DETAILS), encoding="utf-8")
+    _write_details(full, out_dir / DETAILS)
     return Written(md, csv, page, figures, public(full))

@@ -15,12 +15,41 @@ from typing import Any
 import pandas as pd
 
 from bench.reporting import columns
+from bench.reporting.details import slug
 from bench.reporting.figures import FIGURES
 
 
 def public(table: pd.DataFrame) -> pd.DataFrame:
     """The table without its private columns (ranking keys and figure data)."""
     return table[[c for c in table.columns if not columns.column(c).private]]
+
+
+# Columns the main table shows even when every row has the same value.
+ALWAYS = ("defense", "clean", "robust", "verdict")
+
+
+def main_columns(shown: pd.DataFrame) -> tuple[list[str], dict[str, str]]:
+    """The main table's columns and the values every row shares.
+
+    The main table shows the columns whose values differ between rows (and :data:`ALWAYS`);
+    a column every row has the same value in is said once above the table, an empty one is
+    dropped. The per-attack columns and those not ``main`` go to the detail pages and the CSV.
+    """
+    keep, same = [], {}
+    for name in shown.columns:
+        spec = columns.column(name)
+        if spec.per_attack or not spec.main:
+            continue
+        distinct = {spec.text(_plain(v)) for v in shown[name]}
+        if name in ALWAYS or (len(distinct) > 1 and distinct != {""}) or len(shown) == 1:
+            keep.append(name)
+        elif distinct != {""}:
+            same[name] = distinct.pop()
+    return keep, same
+
+
+def _shared(same: dict[str, str]) -> str:
+    return "Every row: " + ", ".join(f"{k} {v}" for k, v in same.items()) + "." if same else ""
 
 
 def to_markdown(table: pd.DataFrame, figures: dict[str, str] | None = None) -> str:
@@ -35,12 +64,13 @@ def to_markdown(table: pd.DataFrame, figures: dict[str, str] | None = None) -> s
     table = public(table)
     if table.empty:
         return header + "_No records yet: run `make bench`._\n"
-    specs = [columns.column(c) for c in table.columns]
-    table = table[[c for c, spec in zip(table.columns, specs, strict=True) if spec.markdown]]
-    floatfmt = [spec.fmt for spec in specs if spec.markdown]
+    keep, same = main_columns(table)
+    keep = [c for c in keep if columns.column(c).markdown]
+    floatfmt = [columns.column(c).fmt for c in keep]
     # tabulate leaves only None blank (``missingval``); NaN would print as "nan".
-    table = table.astype(object).where(table.notna(), None)
-    text = header + table.to_markdown(index=False, floatfmt=floatfmt, missingval="") + "\n"
+    table = table[keep].astype(object).where(table[keep].notna(), None)
+    text = header + (_shared(same) + " Per-attack columns: `leaderboard.csv`.\n\n")
+    text += table.to_markdown(index=False, floatfmt=floatfmt, missingval="") + "\n"
     for name, rel in (figures or {}).items():
         text += f"\n![{FIGURES.get(name, name)}]({rel})\n"
     return text
@@ -106,28 +136,44 @@ def _cell(value: Any, spec: columns.Column) -> str:
     return f"<td{css}>{html.escape(spec.text(value))}</td>"
 
 
-def _rows(table: pd.DataFrame, shown: pd.DataFrame) -> list[str]:
-    """The table's rows as HTML, numbered in rank order and marked by their ``_row_class``."""
+def _rows(table: pd.DataFrame, shown: pd.DataFrame, detail_dir: str | None) -> list[str]:
+    """The table's rows as HTML, numbered in rank order and marked by their ``_row_class``.
+
+    With ``detail_dir`` the defense cell links to the row's detail page there.
+    """
     specs = [columns.column(c) for c in shown.columns]
     out = []
     for i, (_, row) in enumerate(table.iterrows(), start=1):
         # The row classes live in a private column: the public table's rows stay unmarked.
         marks = row.get(columns.ROW_CLASS) or ""
         css = f' class="{marks}"' if marks else ""
-        cells = "".join(_cell(_plain(row[c]), s) for c, s in zip(shown.columns, specs, strict=True))
-        out.append(f'<tr{css}><td class="num">{i}</td>{cells}</tr>')
+        cells = []
+        for c, s in zip(shown.columns, specs, strict=True):
+            cell = _cell(_plain(row[c]), s)
+            if c == "defense" and detail_dir is not None:
+                href = html.escape(f"{detail_dir}/{slug(row.to_dict())}.html")
+                cell = cell.replace("<td>", f'<td><a href="{href}">', 1).replace(
+                    "</td>", "</a></td>"
+                )
+            cells.append(cell)
+        out.append(f'<tr{css}><td class="num">{i}</td>{"".join(cells)}</tr>')
     return out
 
 
-def to_html(table: pd.DataFrame, figures: dict[str, bytes] | None = None) -> str:
+def to_html(
+    table: pd.DataFrame, figures: dict[str, bytes] | None = None, detail_dir: str | None = None
+) -> str:
     """Render the leaderboard as one self-contained HTML page (no network needed to open it).
 
     Args:
         table: :func:`~bench.reporting.leaderboard.rank`'s or
             :func:`~bench.reporting.leaderboard.build_leaderboard`'s table.
         figures: figure name -> PNG bytes, embedded as base64 data URIs.
+        detail_dir: where the rows' detail pages are, relative to the page (no links if None).
     """
     shown = public(table)
+    keep, same = main_columns(shown) if not shown.empty else ([], {})
+    shown = shown[keep]
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -141,8 +187,12 @@ def to_html(table: pd.DataFrame, figures: dict[str, bytes] | None = None) -> str
         parts.append("<p><em>No records yet: run <code>make bench</code>.</em></p>")
     else:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in ["#", *shown.columns])
+        parts.append(
+            f'<p class="intro">{html.escape(_shared(same))} Per-attack columns: '
+            "<code>leaderboard.csv</code> and each row's detail page.</p>"
+        )
         parts.append(f'<table class="board"><thead><tr>{head}</tr></thead><tbody>')
-        parts += _rows(table, shown)
+        parts += _rows(table, shown, detail_dir)
         parts.append("</tbody></table>")
     for name, png in (figures or {}).items():
         data = base64.b64encode(png).decode("ascii")
