@@ -7,7 +7,7 @@ PUREBENCH := $(VENV)/bin/purebench
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install data bench test test-full lint leaderboard clean perf
+.PHONY: help install data bench test test-full lint leaderboard clean perf browser
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## .*$$' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -43,10 +43,17 @@ perf: $(STAMP) ## benchmark the evaluation engine on Fashion-MNIST (results/perf
 leaderboard: $(STAMP) ## rebuild results/leaderboard.{md,csv,html} from make bench's records (results/bench)
 	$(PUREBENCH) leaderboard results/bench --out results
 
-test: $(STAMP) ## run the fast tests (no slow, no GPU)
+# The browser test of the leaderboard page needs Debian's chromium-driver; installed where we
+# may (root with apt-get), else that test skips and says why.
+browser:
+	@command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get install -y chromium chromium-driver; } \
+	  || echo "chromium-driver is not installed: the browser tests will skip"
+
+test: $(STAMP) browser ## run the fast tests (no slow, no GPU)
 	$(PY) -m pytest -m "not slow and not gpu"
 
-test-full: $(STAMP) ## run every test, slow ones included
+test-full: $(STAMP) browser ## run every test, slow ones included
 	$(PY) -m pytest
 
 lint: $(STAMP) ## ruff lint and format check
