@@ -481,9 +481,10 @@ def test_mcnemar_counts_the_discordant_images_only() -> None:
     idx = list(range(10))
     defended = pd.Series([1.0] * 7 + [0.75, 0.25, 0.0], index=idx)  # avg: 0.75 counts robust
     bare = pd.Series([0.0] * 8 + [1.0, 0.0], index=idx)
-    diff, p = mcnemar(defended, bare)
-    assert diff == pytest.approx(100 * (8.0 - 1.0) / 10)
-    assert p == pytest.approx(binomtest(8, 9, 0.5).pvalue)  # 8 gained, 1 lost
+    paired = mcnemar(defended, bare)
+    assert paired is not None and paired.diff == pytest.approx(100 * (8.0 - 1.0) / 10)
+    assert paired.p == pytest.approx(binomtest(8, 9, 0.5).pvalue)  # 8 gained, 1 lost
+    assert paired.low < 70.0 < paired.high
     assert mcnemar(defended, bare.iloc[:5]) is None  # not the same images
 
 
@@ -504,7 +505,9 @@ def test_each_purifier_is_compared_with_its_own_baseline_on_the_same_images(
     _with_per_sample(tmp_path, "pur", make_record(defense="pur", robust=20, n=n, clean=n), purifier)
     other = make_record(defense="pur2", classifier="at", robust=20, n=n, clean=n)
     _with_per_sample(tmp_path, "pur2", other, purifier)  # no baseline of its classifier
-    table = write_leaderboard(tmp_path, tmp_path / "out").table.set_index("defense")
+    written = write_leaderboard(tmp_path, tmp_path / "out")
+    assert "vs_bare" in written.figures  # the paired differences have their own figure
+    table = written.table.set_index("defense")
     assert table.loc["pur", "vs bare"] == pytest.approx(100 * (4 + 12 + 5 - 4) / 40)
     assert table.loc["pur", "p (McNemar)"] == pytest.approx(binomtest(16, 16, 0.5).pvalue)
     assert pd.isna(table.loc["pur2", "vs bare"]) and pd.isna(table.loc["none", "vs bare"])

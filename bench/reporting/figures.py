@@ -12,11 +12,16 @@ from typing import Any
 
 import pandas as pd
 
+from bench.reporting.metrics import Accuracy
+
 FIGURES = {
     "robust": "robust accuracy per defense with 95% intervals",
+    "vs_bare": "each purifier's paired difference to its undefended classifier, 95% intervals",
     "robust_vs_cost": "robust accuracy against cost",
-    "accuracy_vs_eps": "accuracy against eps (diagnostics' eps sweep)",
+    "accuracy_vs_eps": "accuracy against eps (diagnostics' eps sweep), 95% intervals",
 }
+# One colour and marker per row, the same in every figure (tab20 has 20 distinct colours).
+_MARKERS = "osD^v<>Ph*X"
 _DPI = 100
 
 
@@ -26,8 +31,9 @@ class _Rows:
 
     table: pd.DataFrame
     labels: list[str]
-    colors: list[str]
+    colors: list[Any]
     err: list[list[float]]
+    markers: list[str]
 
 
 def _labels(table: pd.DataFrame) -> list[str]:
@@ -86,23 +92,18 @@ def _cost_panel(ax: Any, rows: _Rows, x: pd.Series, name: str, scale: str) -> No
             x[i],
             table.loc[i, "robust"],
             yerr=[[rows.err[0][i]], [rows.err[1][i]]],
-            fmt="o" if table.loc[i, "_trusted"] else "s",
+            fmt=rows.markers[i],
             color=rows.colors[i],
+            mfc=rows.colors[i] if table.loc[i, "_trusted"] else "none",
             capsize=3,
-        )
-        ax.annotate(
-            rows.labels[i],
-            (x[i], table.loc[i, "robust"]),
-            fontsize=7,
-            xytext=(4, 4),
-            textcoords="offset points",
+            label=rows.labels[i],
         )
     if ok.any():
         ax.set_xscale(scale, **({"linthresh": 1} if scale == "symlog" else {}))
     ax.set_xlabel(name)
     ax.set_ylabel("robust accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.margins(x=0.2)  # room for the labels right of the points
+    ax.margins(x=0.1)
     ax.grid(alpha=0.3)
 
 
@@ -114,14 +115,18 @@ def _cost_figure(rows: _Rows) -> bytes | None:
     secs = rows.table["s/img"].astype(float)
     if not (calls.notna().any() or secs.notna().any()):
         return None
-    fig = Figure(figsize=(10, 4), layout="constrained")
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
     panels = [
         (calls, "purifier calls per image", "symlog"),
         (secs, "seconds per image", "log"),
     ]
-    for k, (x, name, scale) in enumerate(panels, start=1):
-        _cost_panel(fig.add_subplot(1, 2, k), rows, x, name, scale)
-    fig.suptitle("Robust accuracy against cost (squares: diagnostics failed)", fontsize=10)
+    axes = [fig.add_subplot(1, 2, k) for k in (1, 2)]
+    for ax, (x, name, scale) in zip(axes, panels, strict=True):
+        _cost_panel(ax, rows, x, name, scale)
+    # A legend, not labels at the points: labels of close rows printed over each other.
+    handles, labels = max((ax.get_legend_handles_labels() for ax in axes), key=lambda h: len(h[0]))
+    fig.legend(handles, labels, loc="outside right center", fontsize=7)
+    fig.suptitle("Robust accuracy against cost (hollow: diagnostics failed)", fontsize=10)
     return _png(fig)
 
 
@@ -133,14 +138,22 @@ def _eps_figure(rows: _Rows) -> bytes | None:
     if curves.empty:
         return None
     groups = list(dict.fromkeys(zip(curves["dataset"], curves["_norm"], strict=True)))
-    fig = Figure(figsize=(5 * len(groups), 4), layout="constrained")
+    fig = Figure(figsize=(7.5 * len(groups), 4.5), layout="constrained")
     for k, (dataset, norm) in enumerate(groups, start=1):
         ax = fig.add_subplot(1, len(groups), k)
         part = curves[(curves["dataset"] == dataset) & (curves["_norm"] == norm)]
         for i, row in part.iterrows():
             eps, acc = zip(*row["_eps_curve"], strict=True)
-            style = "-" if row["_trusted"] else "--"
-            ax.plot(eps, acc, style, marker="o", label=rows.labels[i])
+            ax.errorbar(
+                eps,
+                acc,
+                yerr=_curve_errors(acc, row["_eps_n"]),
+                fmt="-" if row["_trusted"] else "--",
+                marker=rows.markers[i],
+                color=rows.colors[i],
+                capsize=2,
+                label=rows.labels[i],
+            )
         for e in part["_eps"].dropna().unique():
             ax.axvline(e, color="k", linestyle=":", linewidth=1)
         ax.set_xlabel(f"eps ({norm}); dotted: the threat's eps")
@@ -148,8 +161,44 @@ def _eps_figure(rows: _Rows) -> bytes | None:
         ax.set_ylim(0, 100)
         ax.set_title(dataset, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("Accuracy against eps (dashed: diagnostics failed)", fontsize=10)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside, not over
+    fig.suptitle("Accuracy against eps, 95% intervals (dashed: diagnostics failed)", fontsize=10)
+    return _png(fig)
+
+
+def _curve_errors(acc: tuple[float, ...], n: Any) -> list[list[float]] | None:
+    """Wilson 95% error bars of accuracies (percent) measured on ``n`` images."""
+    if n is None or pd.isna(n) or int(n) <= 0:
+        return None
+    n = int(n)
+    bounds = [Accuracy.from_counts(round(a * n / 100), n) for a in acc]
+    low = [max(a - 100 * b.low, 0.0) for a, b in zip(acc, bounds, strict=True)]
+    high = [max(100 * b.high - a, 0.0) for a, b in zip(acc, bounds, strict=True)]
+    return [low, high]
+
+
+def _paired_figure(rows: _Rows) -> bytes | None:
+    """Each purifier's paired difference to its undefended classifier; ``None`` without any."""
+    from matplotlib.figure import Figure
+
+    table = rows.table[rows.table["vs bare"].notna()]
+    if table.empty:
+        return None
+    fig = Figure(figsize=(7, 1.2 + 0.35 * len(table)), layout="constrained")
+    ax = fig.add_subplot()
+    y = list(range(len(table)))[::-1]
+    diff = table["vs bare"].astype(float)
+    err = [
+        (diff - table["_vs_low"].astype(float)).clip(lower=0).tolist(),
+        (table["_vs_high"].astype(float) - diff).clip(lower=0).tolist(),
+    ]
+    colors = [rows.colors[i] for i in table.index]
+    ax.barh(y, diff, xerr=err, color=colors, capsize=3, alpha=0.85)
+    ax.axvline(0, color="k", linewidth=1)
+    ax.set_yticks(y, [rows.labels[i] for i in table.index], fontsize=8)
+    ax.set_xlabel("robust accuracy minus the undefended classifier's (points), same images")
+    ax.set_title("Paired difference to the bare classifier (95% intervals)", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
     return _png(fig)
 
 
@@ -168,10 +217,19 @@ def make_figures(table: pd.DataFrame) -> dict[str, bytes]:
     drawn = table[table["_numbers"] & table["robust"].notna()].reset_index(drop=True)
     if drawn.empty:
         return {}
-    colors = ["C0" if t else "C3" for t in drawn["_trusted"]]
-    rows = _Rows(drawn, _labels(drawn), colors, _errors(drawn))
+    from matplotlib import colormaps
+
+    palette = colormaps["tab20"]
+    colors = [palette(i % 20) for i in range(len(drawn))]
+    markers = [_MARKERS[i % len(_MARKERS)] for i in range(len(drawn))]
+    rows = _Rows(drawn, _labels(drawn), colors, _errors(drawn), markers)
     out = {"robust": _robust_figure(rows)}
-    for name, draw in (("robust_vs_cost", _cost_figure), ("accuracy_vs_eps", _eps_figure)):
+    draws = (
+        ("vs_bare", _paired_figure),
+        ("robust_vs_cost", _cost_figure),
+        ("accuracy_vs_eps", _eps_figure),
+    )
+    for name, draw in draws:
         png = draw(rows)
         if png is not None:
             out[name] = png

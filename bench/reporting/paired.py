@@ -21,6 +21,8 @@ entirely below starts the next tier.
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -51,11 +53,29 @@ def robust_per_image(paths: list[str]) -> pd.Series | None:
     return pd.Series(table["robust"].astype(float).to_numpy(), index=table["index"])
 
 
-def mcnemar(defended: pd.Series, bare: pd.Series) -> tuple[float, float] | None:
-    """(difference in points, exact two-sided p) on the same images; ``None`` if they differ.
+@dataclass(frozen=True)
+class Paired:
+    """A defended row against its baseline on the same images.
+
+    Attributes:
+        diff: robust accuracy minus the baseline's, in points (headline values).
+        p: exact two-sided McNemar p-value.
+        low: lower end of the 95% interval of the difference (points; Wald on the pairs).
+        high: upper end.
+    """
+
+    diff: float
+    p: float
+    low: float
+    high: float
+
+
+def mcnemar(defended: pd.Series, bare: pd.Series) -> Paired | None:
+    """The paired comparison on the same images; ``None`` if they differ.
 
     The difference is of the headline values (the rows' own accuracies); the test counts an
-    image robust at a value of at least 0.5.
+    image robust at a value of at least 0.5, and the interval is the paired (Wald) one of the
+    binarised difference, ``(b - c) / n +- 1.96 sqrt(b + c - (b - c)^2 / n) / n``.
     """
     both = defended.index.intersection(bare.index)
     if len(both) == 0 or len(both) != len(defended) or len(both) != len(bare):
@@ -64,7 +84,9 @@ def mcnemar(defended: pd.Series, bare: pd.Series) -> tuple[float, float] | None:
     d, b = defended.loc[both] >= 0.5, bare.loc[both] >= 0.5
     gained, lost = int((d & ~b).sum()), int((~d & b).sum())
     p = 1.0 if gained + lost == 0 else float(binomtest(gained, gained + lost, 0.5).pvalue)
-    return diff, p
+    n = len(both)
+    half = 196 * math.sqrt(max(gained + lost - (gained - lost) ** 2 / n, 0.0)) / n
+    return Paired(diff, p, diff - half, diff + half)
 
 
 def _baseline(table: pd.DataFrame, i: int) -> int | None:
@@ -86,7 +108,8 @@ def _baseline(table: pd.DataFrame, i: int) -> int | None:
 def add_paired(table: pd.DataFrame) -> pd.DataFrame:
     """``table`` with ``vs bare`` and ``p (McNemar)`` filled where a baseline exists."""
     table = table.copy()
-    table["vs bare"], table["p (McNemar)"] = None, None
+    for name in ("vs bare", "p (McNemar)", "_vs_low", "_vs_high"):
+        table[name] = None
     cache: dict[int, pd.Series | None] = {}
 
     def robust(j: int) -> pd.Series | None:
@@ -103,7 +126,8 @@ def add_paired(table: pd.DataFrame) -> pd.DataFrame:
         mine, bare = robust(i), robust(j)
         result = None if mine is None or bare is None else mcnemar(mine, bare)
         if result is not None:
-            table.at[i, "vs bare"], table.at[i, "p (McNemar)"] = round(result[0], 2), result[1]
+            table.at[i, "vs bare"], table.at[i, "p (McNemar)"] = round(result.diff, 2), result.p
+            table.at[i, "_vs_low"], table.at[i, "_vs_high"] = result.low, result.high
     return table
 
 
