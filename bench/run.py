@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench.config import CONF_DIR
 from bench.engine.decision import RULES
-from bench.engine.plan import Plan, instantiate_checked, make_plan
+from bench.engine.plan import Plan, defense_name, instantiate_checked, make_plan
 from bench.engine.runner import Outcome, Runner
 from bench.provenance import code_version, package_versions
 from bench.reporting.leaderboard import build_leaderboard, collect_records
@@ -64,7 +64,7 @@ def evaluate(
     """
     started, t0 = datetime.now(UTC), time.perf_counter()
     choices = dict(choices if choices is not None else _hydra_choices(cfg))
-    plan = make_plan(cfg, str(choices.get("defense")), str(choices.get("classifier")))
+    plan = make_plan(cfg, defense_name(cfg, choices.get("defense")), str(choices.get("classifier")))
     logger = instantiate_checked(cfg.logger, "logger") if cfg.get("logger") else NoLogger()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

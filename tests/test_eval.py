@@ -6,6 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from omegaconf import open_dict
 
 from bench.data import eval_subset
 from bench.engine.threat import check_threat
@@ -176,3 +177,17 @@ def test_peak_memory_restarts_for_each_job_of_a_worker_process() -> None:
     high = peak_memory_mb(cpu)
     reset_peak_memory(cpu)
     assert peak_memory_mb(cpu) < high - 200
+
+
+def test_a_swapped_in_defense_is_named_by_its_class_or_by_name(
+    compose_cfg, cache_dir: Path, tmp_path: Path
+) -> None:
+    """defense._target_=... under the default option must not be recorded as the baseline."""
+    from bench.engine.plan import defense_name
+
+    cfg = compose_cfg([*fast_overrides(cache_dir, tmp_path), "defense._target_=tests.planted.Blur"])
+    assert defense_name(cfg, "none") == "Blur"
+    assert defense_name(compose_cfg(["defense=diffpure"]), "diffpure") == "diffpure"
+    with open_dict(cfg):
+        cfg.name = "my blur"
+    assert defense_name(cfg, "none") == "my blur"

@@ -173,6 +173,24 @@ def top_level_keys(conf_dir: str = CONF_DIR) -> tuple[str, ...]:
     return tuple(sorted({*primary.keys(), *groups, "hydra"} - {"defaults", "_self_"}))
 
 
+def defense_name(cfg: DictConfig, choice: str | None, conf_dir: str = CONF_DIR) -> str:
+    """The defense's name on the leaderboard and in the record.
+
+    ``name=`` when given, else the config option's when the run builds what that option
+    declares, else the name of the class that is built. A defense swapped in by
+    ``defense._target_=my.Defense`` (or built in a notebook) under the default option ``none``
+    must not be recorded as ``none``: it would replace the baseline.
+    """
+    if cfg.get("name"):
+        return str(cfg.name)
+    target = str(cfg.defense.get("_target_", ""))
+    option = Path(conf_dir) / "defense" / f"{choice}.yaml"
+    # An option from another config dir (a user's searchpath) is taken at its word.
+    if choice and (not option.is_file() or OmegaConf.load(option).get("_target_") == target):
+        return str(choice)
+    return target.rsplit(".", 1)[-1] or str(choice)
+
+
 def check_keys(cfg: DictConfig) -> None:
     """Refuse keys nobody reads (``+foo=1``, a typo in a fixed-shape node)."""
     known_keys("config keys", cfg.keys(), top_level_keys())
