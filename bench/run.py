@@ -28,14 +28,21 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from bench.config import CONF_DIR
+from bench.engine.attacking import GRID_IMAGES
 from bench.engine.decision import RULES
 from bench.engine.plan import Plan, defense_name, instantiate_checked, make_plan
 from bench.engine.runner import Outcome, Runner
 from bench.provenance import code_version, package_versions
 from bench.reporting.leaderboard import build_leaderboard, collect_records
-from bench.reporting.loggers import NoLogger
+from bench.reporting.loggers import NoLogger, image_grid
 from bench.reporting.metrics import Accuracy
-from bench.reporting.records import PER_SAMPLE_NAME, AttackResult, RunRecord, write_record
+from bench.reporting.records import (
+    EXAMPLES_NAME,
+    PER_SAMPLE_NAME,
+    AttackResult,
+    RunRecord,
+    write_record,
+)
 from common import seeds
 from common.errors import ConfigError, Interrupted
 
@@ -69,7 +76,8 @@ def evaluate(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     record = _new_record(cfg, plan, choices, started)
-    runner = Runner(plan, _resume_path(cfg, plan), keep_examples=logger.wants_examples, start=t0)
+    # A few images per stage always: the detail page shows them, a dashboard logs them.
+    runner = Runner(plan, _resume_path(cfg, plan), keep_examples=True, start=t0)
     try:
         with _sigterm_raises():
             runner.run()
@@ -82,6 +90,7 @@ def evaluate(
         _fill(record, plan, runner.outcome, time.perf_counter() - t0)
         write_record(record, output_dir)
         _write_per_sample(runner.outcome, output_dir)
+        _write_examples(runner.outcome, output_dir)
         _log_dashboard(cfg, logger, record, runner.outcome)
     runner.clear()  # only reached when the run completed and its record is written
     return record
@@ -176,6 +185,17 @@ def _fill(record: RunRecord, plan: Plan, outcome: Outcome, wall_s: float) -> Non
 def _write_per_sample(outcome: Outcome, output_dir: Path) -> None:
     if outcome.per_sample is not None:
         pd.DataFrame(outcome.per_sample).to_csv(output_dir / PER_SAMPLE_NAME, index=False)
+
+
+def _write_examples(outcome: Outcome, output_dir: Path) -> None:
+    """``examples.png``: rows of clean, then each stage's adversarial and purified images."""
+    from PIL import Image, PngImagePlugin
+
+    grid = image_grid(outcome.examples, GRID_IMAGES)
+    if grid is not None:
+        info = PngImagePlugin.PngInfo()  # which row is which, for the detail page's caption
+        info.add_text("rows", ", ".join(k for k, v in outcome.examples.items() if v is not None))
+        Image.fromarray(grid.numpy()).save(output_dir / EXAMPLES_NAME, pnginfo=info)
 
 
 def _reason(err: BaseException) -> str:

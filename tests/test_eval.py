@@ -10,6 +10,7 @@ from omegaconf import open_dict
 
 from bench.data import eval_subset
 from bench.engine.threat import check_threat
+from bench.reporting.leaderboard import write_leaderboard
 from bench.run import evaluate
 from common.errors import ConfigError, DataNotFoundError, ThreatModelViolation
 from tests.conftest import fast_overrides
@@ -62,6 +63,15 @@ def test_end_to_end_on_digits(compose_cfg, cache_dir: Path, tmp_path: Path) -> N
     assert record.robust_acc.low <= record.robust_acc.value <= record.robust_acc.high
     # The undefended digits classifier falls under eps=0.1.
     assert record.robust_acc.value < record.clean_acc.value - 0.2
+    # A few images per stage beside the record, which the detail page embeds.
+    from PIL import Image
+
+    png = Image.open(out / "examples.png")
+    rows = png.text["rows"].split(", ")
+    assert rows[:3] == ["clean", "adversarial/pgd", "purified/pgd"] and png.size[1] > 8 * len(rows)
+    board = write_leaderboard(tmp_path, tmp_path / "board")
+    (page,) = (tmp_path / "board" / "details").glob("*.html")
+    assert "data:image/png;base64," in page.read_text() and board.html.is_file()
 
 
 def test_training_a_missing_network_is_setup_not_evaluation_cost(

@@ -8,6 +8,7 @@ record and its configuration. Like the main page it is self-contained HTML.
 
 from __future__ import annotations
 
+import base64
 import html
 import os
 import re
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.reporting.columns import grad_modes
-from bench.reporting.records import RunRecord
+from bench.reporting.records import EXAMPLES_NAME, RunRecord
 
 _CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 90em; }
@@ -152,6 +153,23 @@ def links(paths: list[str], page: Path) -> str:
     return "<p>" + "<br>".join(items) + "</p>" if items else ""
 
 
+def examples(paths: list[str]) -> str:
+    """The run's image grid (``examples.png`` beside the record), embedded; or a sentence."""
+    for p in paths:
+        png = Path(p).parent / EXAMPLES_NAME
+        if png.is_file():
+            from PIL import Image
+
+            rows = Image.open(png).text.get("rows", "")
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            alt = "clean, adversarial and purified images"
+            return (
+                f"<p>Rows, top to bottom: {html.escape(rows)}.</p>"
+                f'<img alt="{alt}" src="data:image/png;base64,{data}">'
+            )
+    return "<p>No images were kept (the record predates them).</p>"
+
+
 def detail_page(record: RunRecord, paths: list[str], page: Path, title: str) -> str:
     """The detail page of one row (``page`` is where it will be written, for relative links)."""
     verdict = (
@@ -189,6 +207,8 @@ def detail_page(record: RunRecord, paths: list[str], page: Path, title: str) -> 
         diagnostics(record),
         "<h2>Cost</h2>",
         cost(record),
+        "<h2>Images</h2>",
+        examples(paths),
         "<h2>Files</h2>",
         links(paths, page),
         "</body></html>",

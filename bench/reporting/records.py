@@ -17,6 +17,7 @@ from bench.reporting.metrics import Accuracy
 SCHEMA_VERSION = 2
 RECORD_NAME = "record.json"
 PER_SAMPLE_NAME = "per_sample.csv"
+EXAMPLES_NAME = "examples.png"  # rows: clean, then each stage's adversarial and purified images
 
 
 @dataclass(kw_only=True)
