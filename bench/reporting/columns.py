@@ -349,7 +349,10 @@ def column(name: str) -> Column:
 
 
 def order(present: Collection[str]) -> list[str]:
-    """The table's columns: public ones first, each per-attack spec's columns sorted by name.
+    """The table's columns: public ones first, each per-attack spec's in the order they ran.
+
+    ``present`` lists them as the rows first had them, i.e. in a record's stage order (a
+    cascade's cumulative accuracies read left to right).
 
     Args:
         present: the column names the rows have (only per-attack columns may be missing).
@@ -358,7 +361,7 @@ def order(present: Collection[str]) -> list[str]:
     names: list[str] = []
     for spec in specs:
         if spec.per_attack:
-            names += sorted(n for n in present if column(n) is spec)
+            names += [n for n in present if column(n) is spec]
         else:
             names.append(spec.name)
     return names
