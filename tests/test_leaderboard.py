@@ -540,6 +540,7 @@ def test_every_row_has_a_detail_page_linked_from_the_main_table(tmp_path: Path) 
     text = page.read_text()
     # The cascade in its real order, each stage with what it left standing.
     assert text.index("<td>pgd</td>") < text.index("<td>square</td>") < text.index("escalate@1")
+    assert "<td>0 of 0</td>" in text  # gradient failures of all gradients taken
     assert "level 1 changed the single accuracy" in text and "ouch" in text and "FAIL" in text
     assert "diagnostics_s" in text and 'href="../../runs/pur/record.json"' in text
     # A row that disappears takes its page with it.

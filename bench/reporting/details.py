@@ -64,7 +64,10 @@ def cascade(record: RunRecord) -> str:
     rows, before = [], _pct(record.clean_acc.value) if record.clean_acc else None
     for name, a in record.attacks.items():
         after = _pct(a.robust_acc.value)
-        fails = sum(a.gradient_failures.values()) if a.gradient_failures else 0
+        # Failed of all the input gradients the attack took (missing, zero, non-finite).
+        g = a.gradient_failures or {}
+        failed = sum(g.get(k, 0) for k in ("missing", "zero", "nonfinite"))
+        fails = f"{failed} of {g.get('gradients', 0)}"
         rows.append(
             [
                 name,
