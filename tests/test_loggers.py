@@ -173,7 +173,7 @@ class SlowNoise(GaussianNoise):
 def test_a_run_logged_to_a_file_shows_progress_at_a_steady_interval(
     compose_cfg, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
-    """No terminal: log lines at least every interval in every phase (1 s here, 30 s by default)."""
+    """No terminal: log lines at least every interval in every phase (1 s here, 25 s by default)."""
     monkeypatch.setattr(HEARTBEAT, "seconds", 1.0)
     monkeypatch.setattr(progress, "LOG_SECONDS", 1.0)
     cfg = compose_cfg([*fast_overrides(cache_dir, tmp_path), "profile=quick", "n_samples=64"])
