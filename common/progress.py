@@ -110,8 +110,12 @@ class Heartbeat:
         self.stage: str | None = None
         self._stage_start = self._last = time.perf_counter()
 
-    def beat(self, stage: str, detail: str) -> None:
-        """Note progress in ``stage``; log ``detail`` if the last line is old enough."""
+    def beat(self, stage: str, detail: str, *args: Any) -> None:
+        """Note progress in ``stage``; log ``detail % args`` if the last line is old enough.
+
+        Formatted like a ``logging`` call, only when a line is due: the beat runs on every
+        purifier call.
+        """
         now = time.perf_counter()
         if stage != self.stage:
             self.stage, self._stage_start, self._last = stage, now, now
@@ -119,4 +123,6 @@ class Heartbeat:
         if now - self._last < self.seconds:
             return
         self._last = now
-        self._log.info("%s: %s (%.0f s in this stage)", stage, detail, now - self._stage_start)
+        self._log.info(
+            f"%s: {detail} (%.0f s in this stage)", stage, *args, now - self._stage_start
+        )

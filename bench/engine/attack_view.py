@@ -392,8 +392,12 @@ class AttackView(nn.Module):
         c = self.counter
         HEARTBEAT.beat(
             self.stage,
-            f"{c.forward} images through the view, {c.purify} purifications, {c.gradients} "
-            f"input gradients (grad={self.options.grad}, EOT {self.eot_samples})",
+            "%d images through the view, %d purifications, %d input gradients (grad=%s, EOT %d)",
+            c.forward,
+            c.purify,
+            c.gradients,
+            self.options.grad,
+            self.eot_samples,
         )
         if self.options.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
