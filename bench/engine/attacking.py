@@ -175,11 +175,11 @@ class AttackRun:
         self, out: list[BatchResult], y: Tensor, ran: int, seconds: float, batches: int
     ) -> None:
         """One line per batch: images done, the share judged correct so far, time left."""
-        n = sum(o.preds.shape[1] for o in out)
-        correct = sum(
-            float((o.preds == y[j : j + o.preds.shape[1]]).float().mean(0).sum())
-            for j, o in zip(_offsets(out), out, strict=True)
-        )
+        n, correct = 0, 0.0
+        for o in out:  # batches hold consecutive images of ``y``
+            k = o.preds.shape[1]
+            correct += float((o.preds == y[n : n + k]).float().mean(0).sum())
+            n += k
         left = seconds / ran * (batches - len(out)) if ran else 0.0
         log.info(
             "%s: batch %d/%d, %d of %d images attacked, %.1f still robust (avg over draws), "
@@ -193,15 +193,6 @@ class AttackRun:
             seconds,
             left,
         )
-
-
-def _offsets(batches: list[BatchResult]) -> list[int]:
-    """Where each batch's images start in the attacked images."""
-    starts, at = [], 0
-    for o in batches:
-        starts.append(at)
-        at += o.preds.shape[1]
-    return starts
 
 
 @dataclass
