@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from bench.reporting.columns import grad_modes
 from bench.reporting.records import EXAMPLES_NAME, RunRecord
 
@@ -89,46 +91,78 @@ def cascade(record: RunRecord) -> str:
     return _table(header, rows)
 
 
+def escalation_rows(record: RunRecord) -> pd.DataFrame:
+    """One row per escalation level (level 0 is the suite): budget, cost, headline accuracy."""
+    path = record.escalation or {}
+    rows = []
+    for lv in path.get("levels", []):
+        budget, probe = lv.get("budget", {}), lv.get("probe") or {}
+        rows.append(
+            {
+                "level": lv.get("level"),
+                "steps": budget.get("steps"),
+                "eot_samples": budget.get("eot_samples"),
+                "restarts": budget.get("restarts"),
+                "losses": ", ".join(budget.get("loss", [])),
+                "attacked": lv.get("attacked"),
+                "purifications_per_image": lv.get("purifications_per_image"),
+                "wall_s": lv.get("wall_s"),
+                "accuracy": lv.get("rules", {}).get(path.get("headline", record.headline_rule)),
+                "projected_images": probe.get("projected"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def diagnostic_rows(record: RunRecord) -> pd.DataFrame:
+    """One row per diagnostic check: passed, its measured value and its sentence."""
+    checks = (record.diagnostics or {}).get("checks", {})
+    return pd.DataFrame(
+        [
+            {
+                "check": name,
+                "passed": c.get("passed"),
+                "value": str(c.get("value")),
+                "detail": c.get("detail"),
+            }
+            for name, c in checks.items()
+        ]
+    )
+
+
 def escalation(record: RunRecord) -> str:
     """The escalation path: per level its budget, images, cost and headline accuracy."""
     path = record.escalation or {}
     if not path.get("levels"):
         return "<p>Not escalated.</p>"
-    headline = path.get("headline", record.headline_rule)
-    rows = []
-    for lv in path["levels"]:
-        b, probe = lv.get("budget", {}), lv.get("probe") or {}
-        rows.append(
-            [
-                lv.get("level"),
-                b.get("steps"),
-                b.get("eot_samples"),
-                b.get("restarts"),
-                ", ".join(b.get("loss", [])),
-                lv.get("attacked"),
-                lv.get("purifications_per_image"),
-                lv.get("wall_s"),
-                _pct(lv.get("rules", {}).get(headline)),
-                probe.get("projected"),
-            ]
-        )
-    header = ["level", "steps", "EOT", "restarts", "losses", "attacked", "purifications/img"]
-    header += ["s", f"{headline} (%)", "projected images (probe)"]
+    table = escalation_rows(record)
+    table["accuracy"] = table["accuracy"].map(_pct)
+    header = [*table.columns[:-2], f"{path.get('headline', record.headline_rule)} (%)"]
+    header.append("projected images (probe)")
     state = f"<p><b>{html.escape(str(path.get('state')))}</b>: "
-    return state + f"{html.escape(str(path.get('reason', '')))}</p>" + _table(header, rows)
+    reason = f"{html.escape(str(path.get('reason', '')))}</p>"
+    return state + reason + _table(header, _cells(table))
 
 
 def diagnostics(record: RunRecord) -> str:
     """Every check with its verdict, measured value and sentence."""
-    checks = (record.diagnostics or {}).get("checks", {})
-    if not checks:
+    table = diagnostic_rows(record)
+    if table.empty:
         return "<p>No diagnostics were run.</p>"
-    rows = [
-        [n, "pass" if c.get("passed") else "FAIL", str(c.get("value")), c.get("detail")]
-        for n, c in checks.items()
-    ]
-    classes = ["" if c.get("passed") else "failed" for c in checks.values()]
-    return _table(["check", "result", "value", "detail"], rows, classes)
+    classes = ["" if ok else "failed" for ok in table["passed"]]
+    table["passed"] = table["passed"].map(lambda ok: "pass" if ok else "FAIL")
+    return _table(["check", "result", "value", "detail"], _cells(table), classes)
+
+
+def _cells(table: pd.DataFrame) -> list[list[Any]]:
+    """Plain Python cells (NaN blank) for :func:`_table`."""
+    rows = table.itertuples(index=False)
+    return [[None if pd.isna(v) else plain(v) for v in row] for row in rows]
+
+
+def plain(value: Any) -> Any:
+    """Python scalars for numpy ones."""
+    return value.item() if hasattr(value, "item") else value
 
 
 def cost(record: RunRecord) -> str:

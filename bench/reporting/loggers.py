@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from bench.reporting.details import diagnostic_rows, escalation_rows
 from bench.reporting.records import RunRecord
 from common.checks import choice, positive_int
 
@@ -71,44 +72,6 @@ def attack_rows(record: RunRecord) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
-
-
-def escalation_rows(record: RunRecord) -> pd.DataFrame:
-    """One row per escalation level (level 0 is the suite): budget, cost, headline accuracy."""
-    path = record.escalation or {}
-    rows = []
-    for lv in path.get("levels", []):
-        budget, probe = lv.get("budget", {}), lv.get("probe") or {}
-        rows.append(
-            {
-                "level": lv.get("level"),
-                "steps": budget.get("steps"),
-                "eot_samples": budget.get("eot_samples"),
-                "restarts": budget.get("restarts"),
-                "attacked": lv.get("attacked"),
-                "purifications_per_image": lv.get("purifications_per_image"),
-                "wall_s": lv.get("wall_s"),
-                "accuracy": lv.get("rules", {}).get(path.get("headline", record.headline_rule)),
-                "projected_images": probe.get("projected"),
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def diagnostic_rows(record: RunRecord) -> pd.DataFrame:
-    """One row per diagnostic check: passed, its measured value and its sentence."""
-    checks = (record.diagnostics or {}).get("checks", {})
-    return pd.DataFrame(
-        [
-            {
-                "check": name,
-                "passed": c.get("passed"),
-                "value": str(c.get("value")),
-                "detail": c.get("detail"),
-            }
-            for name, c in checks.items()
-        ]
-    )
 
 
 def image_grid(examples: dict[str, Tensor], n: int) -> Tensor | None:

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from bench.reporting import columns
-from bench.reporting.details import slug
+from bench.reporting.details import plain, slug
 from bench.reporting.figures import FIGURES
 
 
@@ -40,7 +40,7 @@ def main_columns(shown: pd.DataFrame) -> tuple[list[str], dict[str, str]]:
         spec = columns.column(name)
         if spec.per_attack or not spec.main:
             continue
-        distinct = {spec.text(_plain(v)) for v in shown[name]}
+        distinct = {spec.text(plain(v)) for v in shown[name]}
         if name in ALWAYS or (len(distinct) > 1 and distinct != {""}) or len(shown) == 1:
             keep.append(name)
         elif distinct != {""}:
@@ -149,7 +149,7 @@ def _rows(table: pd.DataFrame, shown: pd.DataFrame, detail_dir: str | None) -> l
         css = f' class="{marks}"' if marks else ""
         cells = []
         for c, s in zip(shown.columns, specs, strict=True):
-            cell = _cell(_plain(row[c]), s)
+            cell = _cell(plain(row[c]), s)
             if c == "defense" and detail_dir is not None:
                 href = html.escape(f"{detail_dir}/{slug(row.to_dict())}.html")
                 cell = cell.replace("<td>", f'<td><a href="{href}">', 1).replace(
@@ -208,8 +208,3 @@ def to_html(
 def _code(text: str) -> str:
     """Markdown's `code` spans as HTML."""
     return re.sub(r"`([^`]*)`", r"<code>\1</code>", text)
-
-
-def _plain(value: Any) -> Any:
-    """Python scalars for numpy ones."""
-    return value.item() if hasattr(value, "item") else value
