@@ -313,8 +313,12 @@ class Runner:
             projected = projection(cfg.probe, lost, int(rest.sum()))
             change = (lost + projected) / n
             if change <= tolerance(cfg, acc, n):
-                probe = {"survivors": count, "probed": cfg.probe, "broken": lost}
-                probe["projected"] = projected
+                probe = {
+                    "survivors": count,
+                    "probed": cfg.probe,
+                    "broken": lost,
+                    "projected": projected,
+                }
                 log.info("escalation level %d: the probe settles it (%s)", level, probe)
             else:
                 projected = 0.0

@@ -11,7 +11,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bench.reporting.leaderboard import collect_records, write_leaderboard
-from bench.reporting.records import RECORD_NAME
+from bench.reporting.records import RECORD_NAME, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,11 @@ log = logging.getLogger(__name__)
 _JOB_FAILED = re.compile(r"\bERROR\b.*?\bjob \S+ failed: (?P<error>.*)$")
 
 
-def failed_jobs(sweep_dir: Path, task_name: str | None = None) -> list[tuple[Path, str]]:
+def failed_jobs(
+    sweep_dir: Path,
+    task_name: str | None = None,
+    records: list[tuple[Path, RunRecord]] | None = None,
+) -> list[tuple[Path, str]]:
     """The sweep's failed jobs with their reasons, in the order of their directories.
 
     A job failed when its record says so, or when its directory (one holding Hydra's
@@ -30,8 +34,9 @@ def failed_jobs(sweep_dir: Path, task_name: str | None = None) -> list[tuple[Pat
         sweep_dir: the sweep's ``hydra.sweep.dir``.
         task_name: ``hydra.job.name``; the job's log is ``<task_name>.log`` (every ``*.log`` of
             the job directory when ``None``).
+        records: the sweep's records, when the caller read them already.
     """
-    records = collect_records(sweep_dir)
+    records = collect_records(sweep_dir) if records is None else records
     failed = [(path.parent, str(r.error)) for path, r in records if r.status != "completed"]
     recorded = {path.parent for path, _ in records}
     jobs = {p.parent for p in Path(sweep_dir).rglob(".hydra") if p.is_dir()}
@@ -74,7 +79,8 @@ class LeaderboardCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Write the leaderboard; log the sweep's failed jobs with their reasons."""
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        failed = failed_jobs(sweep_dir, OmegaConf.select(config, "hydra.job.name"))
+        records = collect_records(sweep_dir)
+        failed = failed_jobs(sweep_dir, OmegaConf.select(config, "hydra.job.name"), records)
         for where, error in failed:
             log.error("sweep job %s failed: %s", where, error)
         written = write_leaderboard(self.records, self.out, also=[sweep_dir])
@@ -85,6 +91,6 @@ class LeaderboardCallback(Callback):
             sweep_dir,
             written.md,
             len(written.table),
-            len(collect_records(sweep_dir)),
+            len(records),
             len(failed),
         )

@@ -148,9 +148,8 @@ def check_record(record: RunRecord) -> RunRecord:
         raise _bad("threat.eps", record.threat.get("eps"), "a finite number >= 0")
     if isinstance(record.n_samples, bool) or not isinstance(record.n_samples, int):
         raise _bad("n_samples", record.n_samples, "an integer")
-    for name in ("wall_s",):
-        if not _number(getattr(record, name)):
-            raise _bad(name, getattr(record, name), "a finite number")
+    if not _number(record.wall_s):
+        raise _bad("wall_s", record.wall_s, "a finite number")
     for name in ("choices", "config", "cost", "decision", "diagnostics", "escalation"):
         if not isinstance(getattr(record, name), dict):
             raise _bad(name, getattr(record, name), "a mapping")
