@@ -137,7 +137,12 @@ def test_experiments_override_the_run_defaults(compose_cfg) -> None:
 
 
 @pytest.mark.parametrize("name", options("logger"))
-def test_logger_configs_instantiate(compose_cfg, tmp_path: Path, name: str) -> None:
+def test_logger_configs_instantiate(
+    compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # The default, not whatever this shell exports (CI exports WANDB_MODE=disabled).
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     cfg = compose_cfg([f"logger={name}", f"paths.results_dir={tmp_path}"])
     logger = instantiate(cfg.logger)
     assert callable(logger.log_run)
