@@ -10,7 +10,9 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "evaluate": "bench.run",
+    "evaluate": "bench.api",
+    "attack_view": "bench.api",
+    "run_attack": "bench.api",
     "RunRecord": "bench.reporting.records",
     "build_leaderboard": "bench.reporting.leaderboard",
     "Defense": "defenses.base",

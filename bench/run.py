@@ -50,7 +50,11 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(
-    cfg: DictConfig, *, output_dir: Path, choices: Mapping[str, str | None] | None = None
+    cfg: DictConfig,
+    *,
+    output_dir: Path,
+    choices: Mapping[str, str | None] | None = None,
+    parts: Mapping[str, Any] | None = None,
 ) -> RunRecord:
     """Run one evaluation and write ``record.json`` and ``per_sample.csv`` into ``output_dir``.
 
@@ -59,6 +63,8 @@ def evaluate(
         output_dir: where the record goes (the Hydra run dir under ``python -m bench``).
         choices: the config-group choices (``hydra.runtime.choices``); taken from the Hydra
             config when not given.
+        parts: the defense, classifier source or dataset already built (in-memory objects
+            of :func:`bench.api.evaluate`), in place of their config nodes' builds.
 
     Returns:
         The record, ``status="completed"``.
@@ -71,7 +77,8 @@ def evaluate(
     """
     started, t0 = datetime.now(UTC), time.perf_counter()
     choices = dict(choices if choices is not None else _hydra_choices(cfg))
-    plan = make_plan(cfg, defense_name(cfg, choices.get("defense")), str(choices.get("classifier")))
+    name = defense_name(cfg, choices.get("defense"))
+    plan = make_plan(cfg, name, str(choices.get("classifier")), parts)
     logger = instantiate_checked(cfg.logger, "logger") if cfg.get("logger") else NoLogger()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -26,9 +26,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 
-from bench import evaluate
 from bench.reporting.callbacks import LeaderboardCallback, failed_jobs
 from bench.reporting.records import write_record
+from bench.run import evaluate
 from common.errors import (
     CheckpointError,
     ConfigError,

@@ -427,26 +427,36 @@ def subset_of(cfg: DictConfig, dataset: ImageDataset, shard: dict[str, int] | No
     return torch.tensor_split(indices, shard["count"])[shard["index"]]
 
 
-def make_plan(cfg: DictConfig, name: str, classifier_name: str) -> Plan:
+def _built(cfg: DictConfig, given: Mapping[str, Any], key: str) -> Any:
+    """The run's ``key`` part: the one given (the Python API's), else built from its config."""
+    return given[key] if key in given else instantiate_checked(cfg[key], key)
+
+
+def make_plan(
+    cfg: DictConfig, name: str, classifier_name: str, parts: Mapping[str, Any] | None = None
+) -> Plan:
     """Validate ``cfg`` and instantiate every cheap part of the run (no training, no attack).
 
     Args:
         cfg: the composed run config (``conf/eval.yaml``).
         name: the defense's name in messages and records.
         classifier_name: the classifier's name in messages.
+        parts: ``defense``, ``classifier`` (a source) or ``dataset`` built already (the Python
+            API's in-memory objects, :mod:`bench.api`); each replaces its config node's build.
 
     Raises:
         ConfigError, DataNotFoundError, CheckpointError: bad input, naming the value.
     """
     check_keys(cfg)
     check_scalars(cfg)
+    given = dict(parts or {})
     if cfg.get("threads") is not None:
         torch.set_num_threads(int(cfg.threads))
     norm, eps = threat_of(cfg)
     choice("threat.norm", norm, NORMS)
     real("threat.eps", eps, "> 0", lambda v: v > 0)  # its cap needs the images: checked below
     device = resolve_device(str(cfg.device))
-    defense = instantiate_checked(cfg.defense, "defense")
+    defense = _built(cfg, given, "defense")
     if not isinstance(defense, Defense):
         raise ConfigError(f"defense config builds {type(defense).__name__}, not a defenses.Defense")
     warnings: list[str] = []
@@ -454,9 +464,9 @@ def make_plan(cfg: DictConfig, name: str, classifier_name: str) -> Plan:
     decision = decision_of(cfg, defense)
     diagnostics = DiagnosticsConfig.from_cfg(cfg.get("diagnostics"))
     escalation = EscalationConfig.from_cfg(cfg.get("escalation"))
-    dataset = instantiate_checked(cfg.dataset, "dataset")
+    dataset = _built(cfg, given, "dataset")
     norm, eps = check_budget(norm, eps, tuple(dataset.shape))
-    classifier = instantiate_checked(cfg.classifier, "classifier")
+    classifier = _built(cfg, given, "classifier")
     classifier.check(dataset)  # a checkpoint that does not fit fails here, before any work
     shard = shard_of(cfg.get("shard"))
     indices = subset_of(cfg, dataset, shard)
