@@ -9,6 +9,9 @@ Two readings, for two questions:
   cannot answer this: even after a reset of its high-water mark it follows what glibc's malloc
   keeps mapped, not what the call allocates, so readings of the same gradient in fresh
   processes differed several-fold.
+
+And how many CPU threads torch uses (:func:`resolve_threads`, :func:`set_threads`): ``threads:
+auto`` is derived from the CPUs this process may use, as measured in docs/costs.md#threads.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import gc
 import os
 import resource
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +39,62 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but CUDA is not available; use device=auto or cpu")
     return device
+
+
+# The `threads` value that derives the count from the CPUs (null means the same).
+THREADS_AUTO = "auto"
+# On 2 cores torch's default of 2 intra-op threads ran the README's digits command 2-2.4x slower
+# than 1 thread while other jobs ran (a thread spin-waits for its partner on a busy core); the
+# small convolutions of the CPU-sized networks gain little from many threads, so a large machine
+# keeps its cores for parallel jobs instead (docs/costs.md#threads).
+AUTO_THREADS_CAP = 4
+# cgroup v2's CPU quota of this process's group: "max 100000", or "150000 100000" for --cpus=1.5.
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path(CGROUP_CPU_MAX).read_text().split()
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max":
+        return cpus
+    # A container limited to --cpus=1.5 has 1 CPU's worth of time to spread over its threads.
+    return max(1, min(cpus, int(quota) // int(period)))
+
+
+def auto_threads(cpus: int) -> int:
+    """The ``threads: auto`` count for ``cpus`` usable CPUs (the rule of docs/costs.md#threads).
+
+    Half the CPUs, at least 1 and at most :data:`AUTO_THREADS_CAP`: a spare core keeps the data
+    pipeline, the logger and other jobs off the cores the intra-op threads wait on.
+    """
+    return max(1, min(cpus // 2, AUTO_THREADS_CAP))
+
+
+def resolve_threads(value: Any) -> int:
+    """The torch CPU thread count of a ``threads`` setting: a positive integer, or auto / null.
+
+    Raises:
+        ConfigError: anything else (``threads=0``, ``threads=foo``), naming the value.
+    """
+    if value is None or value == THREADS_AUTO:
+        return auto_threads(usable_cpus())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"threads={value!r} is not allowed; use auto, null or an integer >= 1")
+    return value
+
+
+def set_threads(value: Any) -> int:
+    """Resolve ``value`` (:func:`resolve_threads`), set torch's intra-op threads; return it."""
+    threads = resolve_threads(value)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def reset_peak_rss() -> bool:

@@ -15,13 +15,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from bench.config import CONF_DIR
-from bench.devices import resolve_device
+from bench.devices import resolve_device, set_threads
 
 log = logging.getLogger(__name__)
 
 
 def train_classifier(cfg: DictConfig) -> dict[str, Any]:
     """Train (or find cached) the classifier of a ``conf/train.yaml`` config; return its facts."""
+    set_threads(cfg.get("threads"))
     dataset = instantiate(cfg.dataset)
     source = instantiate(cfg.classifier)
     source.check(dataset)
@@ -33,6 +34,7 @@ def train_classifier(cfg: DictConfig) -> dict[str, Any]:
 
 def train_part(cfg: DictConfig) -> dict[str, Any]:
     """Train (or find cached) the purifier part of a ``conf/train_purifier.yaml`` config."""
+    set_threads(cfg.get("threads"))
     dataset = instantiate(cfg.dataset)
     part = instantiate(cfg.purifier)
     part.prepare(dataset, resolve_device(str(cfg.device)))

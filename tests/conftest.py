@@ -41,9 +41,6 @@ def fast_overrides(cache_dir: Path, results_dir: Path) -> list[str]:
         "n_samples=64",
         "batch_size=64",
         "device=cpu",
-        "classifier.recipe.epochs=10",
-        "classifier.recipe.lr=0.1",
-        "classifier.recipe.batch_size=64",
         # Escalation as the default runs it, on a budget that keeps a test in seconds.
         "escalation.max_levels=2",
         "escalation.calls_cap=1000",

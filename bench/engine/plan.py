@@ -28,7 +28,7 @@ from attacks.base import NORMS, Attack, Traits, traits
 from attacks.pgd_eot import PGDEOT
 from bench.config import CONF_DIR
 from bench.data import ImageDataset, eval_subset
-from bench.devices import resolve_device
+from bench.devices import resolve_device, resolve_threads, set_threads
 from bench.engine.attack_view import AttackView, ViewOptions, view_rank
 from bench.engine.decision import RULES, SUCCESS_AT
 from bench.engine.diagnostics import DiagnosticsConfig
@@ -209,7 +209,7 @@ def check_scalars(cfg: DictConfig) -> None:
     integer("subset_seed", cfg.subset_seed, minimum=0)
     positive_int("batch_size", cfg.batch_size)
     positive_int("eot_default", cfg.eot_default)
-    optional_positive_int("threads", cfg.get("threads"))
+    resolve_threads(cfg.get("threads"))
     paper = cfg.get("paper")
     if paper is not None and not OmegaConf.is_dict(paper):
         raise ConfigError(f"paper={paper!r} is not allowed; it must be null or a mapping")
@@ -450,8 +450,7 @@ def make_plan(
     check_keys(cfg)
     check_scalars(cfg)
     given = dict(parts or {})
-    if cfg.get("threads") is not None:
-        torch.set_num_threads(int(cfg.threads))
+    set_threads(cfg.get("threads"))
     norm, eps = threat_of(cfg)
     choice("threat.norm", norm, NORMS)
     real("threat.eps", eps, "> 0", lambda v: v > 0)  # its cap needs the images: checked below

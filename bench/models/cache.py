@@ -48,6 +48,10 @@ LOCKS, CORRUPT = ".locks", ".corrupt"
 
 T = TypeVar("T")
 
+# Field metadata of a spec dataclass: the field is left out of the key while it holds its
+# default, so a field added later (defaulting to the old behaviour) keeps every cached entry.
+OMIT_IF_DEFAULT = "omit_if_default"
+
 
 def canonical(obj: Any) -> Any:
     """JSON-able canonical form of a spec (partials, dataclasses, configs, primitives).
@@ -62,7 +66,11 @@ def canonical(obj: Any) -> Any:
             raise TypeError(f"cannot fingerprint a partial with positional arguments: {obj!r}")
         return {"_target_": _qualname(obj.func), **canonical(dict(obj.keywords))}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        fields = {f.name: canonical(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        fields = {
+            f.name: canonical(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not (f.metadata.get(OMIT_IF_DEFAULT) and getattr(obj, f.name) == f.default)
+        }
         return {"_target_": _qualname(type(obj)), **fields}
     if isinstance(obj, dict):
         return {str(k): canonical(obj[k]) for k in sorted(obj, key=str)}
