@@ -259,14 +259,18 @@ def _hydra_choices(cfg: DictConfig) -> dict[str, str | None]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
-def main(cfg: DictConfig) -> str:
-    """Hydra entry point of ``python -m bench`` and ``purebench run``; returns the run's status.
+def hydra_main(cfg: DictConfig) -> str:
+    """The Hydra task of ``python -m bench`` and ``purebench run``; returns the run's status.
 
     In a sweep a failing job must not take the others down: its failed record (or, for a bad
     config, its error) is logged and the sweep goes on; the end-of-sweep callback rebuilds the
-    leaderboard, where the job's row shows ``failed`` with the reason. A single run re-raises.
-    SIGTERM ends the process with status 143 (128 + 15) after the failed record is written.
+    leaderboard, where the job's row shows ``failed`` with the reason. A single run re-raises,
+    a user's error (a bad value) as :class:`bench.cli.ReportedError` for :func:`main` to print
+    in one line. SIGTERM ends the process with status 143 (128 + 15) after the failed record is
+    written.
     """
+    from bench.cli import reported
+
     hydra_cfg = HydraConfig.get()
     try:
         record = evaluate(cfg, output_dir=Path(hydra_cfg.runtime.output_dir))
@@ -274,7 +278,24 @@ def main(cfg: DictConfig) -> str:
         raise SystemExit(128 + signal.Signals[err.signal_name].value) from None
     except Exception as err:
         if hydra_cfg.mode != RunMode.MULTIRUN:
+            # Raised as is, Hydra would print a line of its own before main's one-line error.
+            report = reported(err)
+            if report is not None:
+                raise report from err
             raise
         log.error("job %s failed: %s", hydra_cfg.job.num, err)
         return "failed"
     return record.status
+
+
+def main() -> None:
+    """Entry point of ``python -m bench`` and ``purebench run``: :func:`hydra_main` on sys.argv.
+
+    ``--help`` shows PureBench's page (:mod:`bench.help`); a bad value ends in one line
+    ``error: ...`` and exit status 2, with the traceback under ``--debug``
+    (:func:`bench.cli.run_app`).
+    """
+    from bench.cli import run_app
+    from bench.help import help_text
+
+    run_app(hydra_main, help_page=lambda: help_text(CONF_DIR))

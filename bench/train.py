@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import hydra
@@ -46,10 +47,26 @@ def train_part(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def classifier_main(cfg: DictConfig) -> None:
     """Hydra entry point of ``purebench train classifier=...``."""
-    train_classifier(cfg)
+    _reporting(train_classifier, cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_purifier")
 def part_main(cfg: DictConfig) -> None:
     """Hydra entry point of ``purebench train purifier=...``."""
-    train_part(cfg)
+    _reporting(train_part, cfg)
+
+
+def _reporting(task: Callable[[DictConfig], object], cfg: DictConfig) -> None:
+    """Run ``task``; a user's error leaves as :class:`bench.cli.ReportedError`.
+
+    Raised as is, Hydra would print a line of its own before the CLI's one-line error.
+    """
+    from bench.cli import reported
+
+    try:
+        task(cfg)
+    except Exception as err:
+        report = reported(err)
+        if report is not None:
+            raise report from err
+        raise

@@ -7,6 +7,7 @@ allowed, so a bad config value is reported the same way wherever it is checked.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Iterable
 from numbers import Real
@@ -78,11 +79,19 @@ def flag(name: str, value: Any) -> bool:
 
 
 def known_keys(what: str, given: Iterable[str], allowed: Iterable[str]) -> None:
-    """Refuse keys of ``given`` that are not in ``allowed``, listing the allowed ones."""
+    """Refuse keys of ``given`` that are not in ``allowed``, listing the allowed ones.
+
+    A key close to an allowed one (a typo) is named with it: ``(did you mean n_samples?)``.
+    """
     options = sorted(set(allowed))
     unknown = sorted(set(given) - set(options))
     if unknown:
+        close = {k: difflib.get_close_matches(k, options, n=1, cutoff=0.75) for k in unknown}
+        guesses = [
+            f"{m[0]}" if len(unknown) == 1 else f"{m[0]} for {k}" for k, m in close.items() if m
+        ]
+        hint = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
         raise ConfigError(
-            f"{what} {unknown} {'is' if len(unknown) == 1 else 'are'} not allowed; allowed: "
+            f"{what} {unknown} {'is' if len(unknown) == 1 else 'are'} not allowed{hint}; allowed: "
             f"{', '.join(options)}"
         )
