@@ -16,21 +16,21 @@ def _is_cwd(entry: str, cwd: str) -> bool:
 
 
 def import_packages_before_cwd() -> None:
-    """Import PureBench's packages with the current directory off ``sys.path``, then append it.
+    """Import PureBench's packages with the current directory off ``sys.path``, then restore it.
 
     ``python -m`` puts the working directory first, so a user's own ``attacks.py`` there would
     shadow the installed package. Moving it to the end is not enough for an editable install,
     whose finder runs after every ``sys.path`` entry, so the packages are imported while it is
-    absent; their submodules then resolve through the packages themselves. At the end of
-    ``sys.path`` the directory still serves what only it has: a module of the user's named by an
-    override such as ``defense._target_=my_defense.MyDefense``.
+    absent; their submodules then resolve through the packages themselves. Restored in its
+    place, the directory still serves a module of the user's named by an override such as
+    ``defense._target_=my_defense.MyDefense``, ahead of any same-named installed module.
 
     Raises:
         SystemExit: in one line naming the file, when a plain module hides one of the packages
             even so (e.g. an ``attacks.py`` in a folder on ``PYTHONPATH``).
     """
     cwd = os.path.realpath(os.getcwd())
-    here = [entry for entry in sys.path if _is_cwd(entry, cwd)]
+    original = list(sys.path)
     sys.path[:] = [entry for entry in sys.path if not _is_cwd(entry, cwd)]
     try:
         for name in _PACKAGES:
@@ -45,7 +45,10 @@ def import_packages_before_cwd() -> None:
                 )
             importlib.import_module(name)
     finally:
-        sys.path.extend(here)
+        # Back in its place: the packages are imported (their submodules resolve through them),
+        # and a user's module there must still beat a same-named one in site-packages (some
+        # distributions install a top-level `tests`).
+        sys.path[:] = original
 
 
 # Before anything else of bench is imported: bench.run imports attacks and defenses.
