@@ -165,6 +165,18 @@ def as_defense(obj: Any, probe: Tensor, *, info: DefenseInfo | None = None) -> D
     return cls(obj)
 
 
+def eval_forward(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` in eval mode without gradients, on the model's device; its mode restored."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(x.to(device))
+    finally:
+        model.train(was_training)
+
+
 class ModuleClassifier:
     """An in-memory ``nn.Module`` as a classifier source (images in [0, 1] to logits)."""
 
@@ -176,18 +188,12 @@ class ModuleClassifier:
     def check(self, dataset: ImageDataset) -> None:
         """One forward on a blank image: the logits must have one entry per class."""
         c, h, w = dataset.shape
-        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        was_training = self.model.training
-        self.model.eval()
         try:
-            with torch.no_grad():
-                out = self.model(torch.zeros(1, c, h, w, device=device))
+            out = eval_forward(self.model, torch.zeros(1, c, h, w))
         except Exception as err:
             raise ConfigError(
                 f"classifier {self.name} fails on an image of shape {(c, h, w)}: {err}"
             ) from err
-        finally:
-            self.model.train(was_training)
         if tuple(out.shape) != (1, dataset.num_classes):
             raise ConfigError(
                 f"classifier {self.name} returns shape {tuple(out.shape)} for one image of "

@@ -17,7 +17,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
@@ -59,16 +58,6 @@ def _overrides(
     return out + [_override(k, v) for k, v in extra.items()] + list(more)
 
 
-def _classes(classifier: nn.Module, x: Tensor) -> int:
-    device = next((p.device for p in classifier.parameters()), torch.device("cpu"))
-    was_training = classifier.training
-    classifier.eval()
-    with torch.no_grad():
-        out = classifier(x[:1].to(device))
-    classifier.train(was_training)
-    return int(out.shape[-1])
-
-
 def _dataset_part(cfg: DictConfig, data: Data | None, name: str, classifier: Any) -> Any:
     """The evaluated dataset: ``data`` as tensors, else the composed config's own."""
     if data is None:
@@ -76,7 +65,10 @@ def _dataset_part(cfg: DictConfig, data: Data | None, name: str, classifier: Any
 
         return instantiate_checked(cfg.dataset, "dataset")
     x, y = data
-    classes = _classes(classifier, x) if isinstance(classifier, nn.Module) else int(y.max()) + 1
+    if isinstance(classifier, nn.Module):
+        classes = int(adapters.eval_forward(classifier, x[:1]).shape[-1])
+    else:
+        classes = int(y.max()) + 1
     return adapters.tensor_dataset(x, y, name=name, num_classes=classes)
 
 
@@ -122,6 +114,20 @@ def _in_memory(
         if not cfg.get("name"):
             cfg.name = type(built).__name__
     return parts, names
+
+
+def _check_arguments(defense: Any, data: Data | None, dataset: str | None, eps: Any) -> None:
+    """What :func:`evaluate` refuses before composing anything."""
+    if isinstance(defense, DictConfig):
+        raise ConfigError(
+            "evaluate() takes a defense object or option name; a composed config runs with "
+            "bench.run.evaluate(cfg, output_dir=...)"
+        )
+    if data is not None and dataset is None and eps is None:
+        raise ConfigError(
+            "data=(x, y) needs the threat's budget: pass eps=<value>, or dataset=<name> whose "
+            "standard budget applies"
+        )
 
 
 def evaluate(
@@ -174,11 +180,7 @@ def evaluate(
     """
     from bench import run
 
-    if isinstance(defense, DictConfig):
-        raise ConfigError(
-            "evaluate() takes a defense object or option name; a composed config runs with "
-            "bench.run.evaluate(cfg, output_dir=...)"
-        )
+    _check_arguments(defense, data, dataset, eps)
     named = {
         "defense": defense if isinstance(defense, str) else None,
         "classifier": classifier if isinstance(classifier, str) else None,
@@ -192,11 +194,6 @@ def evaluate(
         "device": device,
         "paths.results_dir": results_dir,
     }
-    if data is not None and dataset is None and eps is None:
-        raise ConfigError(
-            "data=(x, y) needs the threat's budget: pass eps=<value>, or dataset=<name> whose "
-            "standard budget applies"
-        )
     cfg = compose_run(_overrides(named, options, overrides))
     choices = dict(cfg.hydra.runtime.choices)
     parts, names = _in_memory(cfg, defense, classifier, data, info, dataset is not None)
