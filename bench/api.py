@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
@@ -106,7 +107,7 @@ def _in_memory(
             {"_target_": adapters.qualified_name(classifier), **source.fingerprint()}
         )
     if defense is not None and not isinstance(defense, str):
-        probe = dataset.test()[0][:8]
+        probe = dataset.subset(torch.arange(min(8, dataset.n_test)))[0]
         built = adapters.as_defense(defense, probe, info=info)
         parts["defense"] = built
         target = adapters.qualified_name(built if isinstance(defense, Defense) else defense)

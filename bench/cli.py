@@ -240,17 +240,15 @@ def _leaderboard(argv: list[str]) -> None:
 
 
 def _data(argv: list[str]) -> None:
+    from bench.data import DATASET_NAMES, prepare
+
     parser = argparse.ArgumentParser(prog="purebench data")
-    parser.add_argument("name", help="fashion_mnist, mnist, cifar10, cifar100, svhn or digits")
+    parser.add_argument("name", help=", ".join(DATASET_NAMES))
     parser.add_argument(
         "--root", default=None, help="data dir (default: $PUREBENCH_DATA_DIR or data)"
     )
     parser.add_argument("--download", action="store_true", help="allow torchvision's download")
     args = parser.parse_args(argv)
-    import os
-
-    from bench.data import prepare
-
     root = args.root or os.environ.get("PUREBENCH_DATA_DIR", "data")
     path = prepare(args.name, root, download=args.download)
     logging.getLogger(__name__).info("%s is ready in %s", args.name, path)

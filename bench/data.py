@@ -1,5 +1,8 @@
 """Datasets as preloaded tensors, one factory per dataset (the `_target_`s of `conf/dataset/`).
 
+TinyImageNet and ImageNet, stored as one file per image, live in `bench.folder_data` and read
+only the images a run needs (`ImageDataset.subset`).
+
 Every factory is cheap: it only checks that the dataset's files exist (raising
 `DataNotFoundError` with the exact path and how to get the files) and returns an `ImageDataset`
 that reads a split the first time it is asked for. Images come back as float32 NCHW in [0, 1],
@@ -51,11 +54,18 @@ class ImageDataset:
     free and a run that only evaluates never reads the training set. The returned tensors are the
     cached ones: treat them as read-only (clone before modifying in place).
 
+    Datasets stored as one file per image (`bench.folder_data`: TinyImageNet, ImageNet) also
+    give `_count` and `_take`, so that `n_test` and `subset` read only what they need, never
+    the whole split.
+
     Attributes:
         name: Config name of the dataset (`"fashion_mnist"`, `"cifar10"`, ...).
         num_classes: Number of classes; labels are in `[0, num_classes)`.
         shape: Shape `(C, H, W)` of one image.
         _load: Reads one split: called with `train=True` or `False`, returns `(images, labels)`.
+        _take: Optional; reads only the images at some indices of a split: called with `train`
+            and an int64 index tensor, returns `(images, labels)` in the order of the indices.
+        _count: Optional; the number of images of a split, without reading any image.
 
     Example:
         >>> ds = digits()
@@ -66,6 +76,8 @@ class ImageDataset:
     num_classes: int
     shape: tuple[int, int, int]
     _load: Callable[[bool], tuple[Tensor, Tensor]] = field(repr=False)
+    _take: Callable[[bool, Tensor], tuple[Tensor, Tensor]] | None = field(default=None, repr=False)
+    _count: Callable[[bool], int] | None = field(default=None, repr=False)
     _cache: dict[bool, tuple[Tensor, Tensor]] = field(default_factory=dict, init=False, repr=False)
 
     def _split(self, train: bool) -> tuple[Tensor, Tensor]:
@@ -90,9 +102,29 @@ class ImageDataset:
         """
         return self._split(False)
 
+    def subset(self, indices: Tensor, *, train: bool = False) -> tuple[Tensor, Tensor]:
+        """Return the images and labels at `indices` of a split.
+
+        A dataset with `_take` reads only these images (unless the split is cached already);
+        the others index the cached split. Either way the result is a new tensor.
+
+        Args:
+            indices: int64 indices into the split, any order, repeats allowed.
+            train: Index the training split instead of the test split.
+
+        Returns:
+            `(images, labels)`: images `(len(indices), C, H, W)` float32 in [0, 1], labels int64.
+        """
+        if self._take is not None and train not in self._cache:
+            return self._take(train, indices)
+        images, labels = self._split(train)
+        return images[indices], labels[indices]
+
     @property
     def n_test(self) -> int:
-        """Number of test images (loads the test split if it is not loaded yet)."""
+        """Number of test images (counted without reading images where the dataset can)."""
+        if self._count is not None and False not in self._cache:
+            return self._count(False)
         return int(self.test()[1].shape[0])
 
 
@@ -549,6 +581,19 @@ def _prepare_svhn(root: Path, download: bool, debian_dir: Path) -> Path:
     return _prepare_by_download(_svhn_files(root), where, download, partial(_fetch_svhn, root))
 
 
+def _prepare_tiny_imagenet(root: Path, download: bool, debian_dir: Path) -> Path:
+    # bench.folder_data imports this module, so it is imported here, not at the top.
+    from bench.folder_data import prepare_tiny_imagenet
+
+    return prepare_tiny_imagenet(root, download)
+
+
+def _prepare_imagenet(root: Path, download: bool, debian_dir: Path) -> Path:
+    from bench.folder_data import prepare_imagenet
+
+    return prepare_imagenet(root, download)
+
+
 def _prepare_digits(root: Path, download: bool, debian_dir: Path) -> Path:
     # Bundled with scikit-learn: nothing to fetch; report where the bundled file lives.
     import sklearn.datasets
@@ -565,6 +610,8 @@ _PREPARERS: dict[str, Callable[[Path, bool, Path], Path]] = {
     "cifar100": _prepare_cifar100,
     "svhn": _prepare_svhn,
     "digits": _prepare_digits,
+    "tiny_imagenet": _prepare_tiny_imagenet,
+    "imagenet": _prepare_imagenet,
 }
 
 DATASET_NAMES: tuple[str, ...] = tuple(_PREPARERS)
@@ -583,7 +630,8 @@ def prepare(
     Used by `purebench data NAME [--download]` and `make bench`. Files already in place are left
     alone. Fashion-MNIST is taken from Debian's `dataset-fashion-mnist` package (installed with
     apt-get when running as root), downloading only as a last resort; the other torchvision
-    datasets are downloaded only when `download` is true; digits needs nothing.
+    datasets are downloaded only when `download` is true; digits needs nothing. TinyImageNet
+    and ImageNet are unpacked from their official archives (`bench.folder_data`).
 
     Args:
         name: One of `DATASET_NAMES`.

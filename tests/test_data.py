@@ -222,8 +222,8 @@ def test_eval_subset_rejects_bad_sizes(n_samples: int, match: str) -> None:
 
 
 def test_prepare_unknown_name_lists_allowed() -> None:
-    with pytest.raises(ConfigError, match="unknown dataset 'imagenet'.*fashion_mnist.*digits"):
-        data.prepare("imagenet", "unused")
+    with pytest.raises(ConfigError, match="unknown dataset 'imagenet21k'.*fashion_mnist.*digits"):
+        data.prepare("imagenet21k", "unused")
 
 
 def test_prepare_fashion_mnist_from_debian(tmp_path: Path) -> None:
@@ -319,4 +319,13 @@ def test_prepare_downloads_only_when_asked(
 
 def test_prepare_digits_needs_nothing(tmp_path: Path) -> None:
     assert (data.prepare("digits", tmp_path) / "digits.csv.gz").is_file()
-    assert data.DATASET_NAMES == ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "digits")
+    assert data.DATASET_NAMES == (
+        "fashion_mnist",
+        "mnist",
+        "cifar10",
+        "cifar100",
+        "svhn",
+        "digits",
+        "tiny_imagenet",
+        "imagenet",
+    )

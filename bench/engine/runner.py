@@ -135,8 +135,8 @@ class Runner:
         """Load the subset, the classifier and the defense's parts (training what is missing)."""
         p = self.plan
         cpu = time.process_time()
-        x_test, y_test = p.dataset.test()
-        self.x, self.y = x_test[p.indices], y_test[p.indices]
+        # Only the evaluated images are read: ImageNet's test split does not fit in memory.
+        self.x, self.y = p.dataset.subset(p.indices)
         self.classifier: nn.Module = p.classifier.load(p.dataset, p.device)
         self.outcome.classifier_info = p.classifier.describe()
         # The defense's generative parts are trained or loaded now, after every check passed.
