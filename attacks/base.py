@@ -20,6 +20,9 @@ Declared (read once, after the attack is bound to its view):
   ``False``.
 * ``internal_eot``: gradient samples the attack averages itself (AutoAttack rand's
   ``eot_iter``), so the harness does not stack its own EOT on top. Default 1.
+* ``norms``: the threat norms it attacks under (a class attribute, read before it is built, so
+  that a suite holding an attack of another threat is refused before any work). Default
+  :data:`LP_NORMS`: every attack that declares nothing is an Lp attack.
 
 Reported (read after every call):
 
@@ -28,6 +31,10 @@ Reported (read after every call):
 * ``warnings``: what the attack's own checks found (AutoAttack's flags, unavailable gradients).
 * ``loss_history`` / ``fooled_history``: ``(steps + 1, N)`` per-iterate loss and success, for
   the diagnostics' path indicators. Default: not reported.
+* ``flow``: ``(N, H, W, 2)``, the flow field that warped each clean image into the returned one
+  (flow threats, :data:`FLOW_NORMS`): an image alone does not reveal its flow, so the threat
+  check reads it here and verifies it (``bench/engine/threat.py``). Default: not reported,
+  which fails the check under a flow threat.
 """
 
 from __future__ import annotations
@@ -40,8 +47,12 @@ from torch import Tensor
 from common.checks import choice, positive_int
 from common.errors import ConfigError
 
-Norm = Literal["Linf", "L2"]
-NORMS: tuple[str, ...] = ("Linf", "L2")
+Norm = Literal["Linf", "L2", "stadv"]
+# Balls around the image (additive perturbations).
+LP_NORMS: tuple[str, ...] = ("Linf", "L2")
+# Flow fields that warp the image (StAdv, docs/threats.md): the bound is on the flow.
+FLOW_NORMS: tuple[str, ...] = ("stadv",)
+NORMS: tuple[str, ...] = (*LP_NORMS, *FLOW_NORMS)
 KINDS: tuple[str, ...] = ("white-box", "black-box", "transfer")
 
 
@@ -78,12 +89,15 @@ class Report:
         warnings: the attack's own warnings.
         loss_history: per-iterate loss ``(steps + 1, N)``, or ``None``.
         fooled_history: per-iterate success ``(steps + 1, N)``, or ``None``.
+        flow: the flow field of the returned images ``(N, H, W, 2)`` on their device, or
+            ``None``.
     """
 
     fooled_any: Tensor | None = None
     warnings: list[str] = field(default_factory=list)
     loss_history: Tensor | None = None
     fooled_history: Tensor | None = None
+    flow: Tensor | None = None
 
 
 def traits(attack: Any, name: str = "attack") -> Traits:
@@ -112,12 +126,32 @@ def report(attack: Any, n: int) -> Report:
         ok = isinstance(value, Tensor) and value.dim() == 2 and value.shape[1] == n
         histories.append(value if ok else None)
     warnings = [str(w) for w in getattr(attack, "warnings", None) or []]
+    flow = getattr(attack, "flow", None)
+    # Only the batch size is checked here: the threat check judges the rest (and refuses a
+    # flow that is missing under a flow threat).
+    flow = (
+        flow.detach() if isinstance(flow, Tensor) and flow.dim() >= 1 and len(flow) == n else None
+    )
     return Report(
         fooled_any=None if fooled is None else fooled.detach().cpu().bool(),
         warnings=warnings,
         loss_history=histories[0],
         fooled_history=histories[1],
+        flow=flow,
     )
+
+
+def norms_of(attack: Any) -> tuple[str, ...]:
+    """The threat norms ``attack`` declares (``norms``; a class, an instance or a partial of one).
+
+    Read from the class, before anything is built: partials (``_partial_: true``, and partials
+    of those) are looked through to the class they build. Attacks that declare nothing are Lp
+    attacks (:data:`LP_NORMS`).
+    """
+    target = attack
+    while not isinstance(target, type) and hasattr(target, "func"):
+        target = target.func
+    return tuple(getattr(target, "norms", LP_NORMS))
 
 
 def check_norm(norm: str, allowed: tuple[str, ...], attack: str) -> None:

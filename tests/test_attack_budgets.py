@@ -6,12 +6,12 @@ for 10 steps: 10 x 2/255 = 0.078 < eps 0.1 on Fashion-MNIST, so every record sai
 or profile does not re-derive when it changes the steps is that trap; ``PGDEOT`` now refuses it
 (``attacks.pgd_eot.check_reach``), and this file measures that what the suites run works.
 
-What runs. Each suite of ``conf/suite/`` with attacks, under no profile, ``profile=quick`` and
-``profile=paper``: a profile changes budgets through its scalars (``eot_default``, draws), the
-command line's ``suite=`` wins over the profile's default suite, and that default suite is one
-of the suites. The attack files that no suite lists (``apgd_dlr``, ``fgsm_rs``,
-``pgd_torchattacks``) run alone, at their own budget. The attacks are built as the runner builds
-them: ``make_plan`` on the composed config, then
+What runs. Each suite of ``conf/suite/`` with Lp attacks (tests/test_stadv.py measures the flow
+threat's), under no profile, ``profile=quick`` and ``profile=paper``: a profile changes budgets
+through its scalars (``eot_default``, draws), the command line's ``suite=`` wins over the
+profile's default suite, and that default suite is one of the suites. The attack files that no
+suite lists (``apgd_dlr``, ``fgsm_rs``, ``pgd_torchattacks``) run alone, at their own budget.
+The attacks are built as the runner builds them: ``make_plan`` on the composed config, then
 ``plan.attacks[name].make(model=AttackView(classifier, defense, plan.attacks[name].view))``, so
 the suites' and profiles' overrides are what is measured. Identical resolved configs (the same
 arguments and view) run once; ``batch_size`` is left out of that comparison, because it only
@@ -80,9 +80,11 @@ from typing import Any
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from attacks.base import norms_of
 from attacks.pgd_eot import PGDEOT
 from bench.engine.attack_view import AttackView, ViewOptions
 from bench.engine.plan import AttackPlan, Plan, make_plan
@@ -308,6 +310,8 @@ def test_attacks_reach_eps_and_are_no_weaker_than_pgd(
     """Checks (a) and (b) of the module docstring on every attack of one suite and profile."""
     cfg = _compose(_overrides(case, profile, threat, cache_dir))
     nodes = {k: OmegaConf.to_container(v, resolve=True) for k, v in cfg.suite.attacks.items()}
+    if any(cfg.threat.norm not in norms_of(get_class(n["_target_"])) for n in nodes.values()):
+        pytest.skip("a flow-threat suite: tests/test_stadv.py measures its reach and strength")
     if threat == "l2" and not any(n["_target_"] in L2_FAMILY for n in nodes.values()):
         pytest.skip("L2 covers the harness's PGD family only")
     plan = make_plan(cfg, "none", "small_cnn")

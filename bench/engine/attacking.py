@@ -125,7 +125,9 @@ class AttackRun:
         # otherwise be measured against the very tensor it moved.
         clean = xb.clone()
         x_adv = self.attack(xb, yb).detach()
-        worst = check_threat(clean, x_adv, self.norm, self.eps, self.name)
+        # Read at once: a flow threat's check needs the flow the attack reports (attack.flow).
+        said = report(self.attack, len(xb))
+        worst = check_threat(clean, x_adv, self.norm, self.eps, self.name, flow=said.flow)
         known = self.view.options.randomness == "known"
         # Known randomness: the batch the attack saw is judged with the noise it was given.
         if known:
@@ -138,7 +140,6 @@ class AttackRun:
         if self.view.options.grad != "exact" or known:
             with torch.inference_mode():
                 believed = self.view(x_adv).argmax(1).cpu()
-        said = report(self.attack, len(xb))
         passes = self.view.counter.snapshot()
         return BatchResult(
             preds=preds,

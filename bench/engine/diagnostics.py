@@ -25,10 +25,15 @@ Checks (thresholds are documented here and nowhere else):
   loss on the points CE left unbroken (CE saturates on confident outputs).
 * ``unbounded``: PGD from the clean image (no random start) with eps covering the whole input
   space must bring accuracy to at most ``1 / num_classes`` (Athalye et al. 2018; Pintor et al.'s
-  "unconstrained attack failure").
+  "unconstrained attack failure"). An Lp check: under a flow threat it is skipped, and the
+  reason recorded (``skipped``), because no flow reaches every image (a warp only moves the
+  values an image has, and pixels amid constant ones get no flow gradient), so no accuracy is
+  "expected" of an unbounded flow attack.
 * ``eps_monotone``: accuracy under the probe attack at eps x ``eps_factors`` and unbounded must
   not rise with eps by more than the tolerance (one image, plus two standard errors of the
-  repeated judging for stochastic defenses).
+  repeated judging for stochastic defenses). Under a flow threat the probe is StAdv on the
+  flow bound (:func:`bench.engine.threat.harness_attack`) and the curve ends at the largest
+  factor.
 * ``silent_success``: the probe saw a fooled iterate that its last iterate lost, while the suite
   holds an attack that returns its last iterate; fails when any image is affected.
 * ``unstable_predictions``: the prediction of the view the escalation ended with (its last
@@ -63,11 +68,14 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from attacks.base import LP_NORMS
 from attacks.pgd_eot import PGDEOT, margin_loss
+from attacks.stadv import StAdv
 from bench.engine.attack_view import AttackView, ViewOptions, view_rank
 from bench.engine.decision import Judge, Ledger
 from bench.engine.escalation import STAGE
 from bench.engine.stats import AttackStats
+from bench.engine.threat import diameter, harness_attack
 from common import seeds
 from common.checks import flag, positive_int
 from common.errors import ConfigError
@@ -185,6 +193,7 @@ class _Diagnosis:
         self.info = type(inp.defense).info
         self.stochastic = self.info.stochastic
         self.checks: dict[str, dict[str, Any]] = {}
+        self.skipped: dict[str, str] = {}  # checks that do not apply to the run, with the reason
         self._seed = seeds.diagnostics(inp.seed)
         self._views: list[AttackView] = []
         # The probe attacks as the strongest white-box attack of the suite saw the defense:
@@ -227,13 +236,17 @@ class _Diagnosis:
         options: ViewOptions | None = None,
         start: bool = True,
         step_size: float | None = None,
-    ) -> tuple[float, PGDEOT]:
-        """Accuracy (mean over judging draws) after the probe PGD at ``eps``."""
+    ) -> tuple[float, PGDEOT | StAdv]:
+        """Accuracy (mean over judging draws) after the probe PGD at ``eps``.
+
+        The probe is the threat's harness attack: PGDEOT, or StAdv under a flow threat (with the
+        same arguments, the flow bound as ``eps``).
+        """
         view = self._view(options or self.probe_options)
         # CE, then the margin loss on the points CE left unbroken: CE alone saturates on
         # confident outputs (CARSO's aggregate), and a probe that cannot move them would flag
         # "unbounded" for the probe's weakness rather than the evaluation's.
-        attack = PGDEOT(
+        attack = harness_attack(self.inp.norm)(
             view,
             norm=self.inp.norm,
             eps=eps,
@@ -363,7 +376,7 @@ class _Diagnosis:
     def sweep(self) -> None:
         """Eps sweep, unbounded attack and the silent-success path indicator."""
         eps, steps = self.inp.eps, self.cfg.steps
-        cap = 1.0 if self.inp.norm == "Linf" else math.sqrt(self.x[0].numel())
+        cap = diameter(self.inp.norm, tuple(self.x[0].shape))
         accs: dict[float, float] = {}
         probe_at_eps = None
         for f in sorted(set(self.cfg.eps_factors) | {1.0}):
@@ -371,15 +384,17 @@ class _Diagnosis:
             accs[e], attack = self._probe_accuracy(eps=e, steps=steps)
             if f == 1.0:
                 probe_at_eps = attack
-        unbounded, _ = self._probe_accuracy(eps=cap, steps=self.cfg.unbounded_steps, start=False)
-        limit = 1 / self.inp.num_classes
-        self.checks["unbounded"] = _check(
-            unbounded <= limit,
-            unbounded,
-            f"accuracy {unbounded:.1%} under an unbounded PGD-{self.cfg.unbounded_steps} "
-            f"(at most {limit:.0%} expected)",
-        )
-        curve = sorted(accs.items()) + [(math.inf, unbounded)]
+        curve = sorted(accs.items())
+        if self.inp.norm in LP_NORMS:
+            unbounded = self._unbounded(cap)
+            curve.append((math.inf, unbounded))
+        else:
+            self.skipped["unbounded"] = (
+                f"an Lp check, not run under the {self.inp.norm} threat: no flow field reaches "
+                "every image (a warp only moves the values an image has, and pixels amid "
+                "constant ones get no flow gradient), so no accuracy is expected of an "
+                "unbounded flow attack; eps_monotone still sweeps the flow bound"
+            )
         rises = [
             (a_eps, b_eps)
             for (a_eps, a), (b_eps, b) in zip(curve, curve[1:], strict=False)
@@ -395,8 +410,20 @@ class _Diagnosis:
         if probe_at_eps is not None:
             self._path_indicators(probe_at_eps)
 
-    def _path_indicators(self, attack: PGDEOT) -> None:
-        # The probe is the harness's PGDEOT: its histories cover its last batch.
+    def _unbounded(self, cap: float) -> float:
+        """The ``unbounded`` check (Lp threats): its accuracy, for the eps curve."""
+        unbounded, _ = self._probe_accuracy(eps=cap, steps=self.cfg.unbounded_steps, start=False)
+        limit = 1 / self.inp.num_classes
+        self.checks["unbounded"] = _check(
+            unbounded <= limit,
+            unbounded,
+            f"accuracy {unbounded:.1%} under an unbounded PGD-{self.cfg.unbounded_steps} "
+            f"(at most {limit:.0%} expected)",
+        )
+        return unbounded
+
+    def _path_indicators(self, attack: PGDEOT | StAdv) -> None:
+        # The probe is the harness's PGDEOT (or StAdv): its histories cover its last batch.
         fooled, losses = attack.fooled_history, attack.loss_history
         if fooled is None or losses is None or fooled.numel() == 0:
             return
@@ -512,6 +539,7 @@ def diagnose(inp: DiagnosisInput, cfg: DiagnosticsConfig) -> dict[str, Any]:
         d.stability()
     return {
         "checks": d.checks,
+        "skipped": d.skipped,
         "probe": {"from_attack": d.probe_from, "view": d.probe_options.to_dict()},
         "n_samples": len(d.x),
         "tolerance": d.tolerance,

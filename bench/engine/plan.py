@@ -24,8 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from torch import Tensor
 
-from attacks.base import NORMS, Attack, Traits, traits
-from attacks.pgd_eot import PGDEOT
+from attacks.base import NORMS, Attack, Traits, norms_of, traits
 from bench.config import CONF_DIR
 from bench.data import ImageDataset, eval_subset
 from bench.devices import resolve_device, resolve_threads, set_threads
@@ -34,7 +33,7 @@ from bench.engine.decision import RULES, SUCCESS_AT
 from bench.engine.diagnostics import DiagnosticsConfig
 from bench.engine.escalation import Budget, EscalationConfig, base_budget
 from bench.engine.fingerprint import fingerprint
-from bench.engine.threat import check_budget
+from bench.engine.threat import HARNESS_ATTACKS, check_budget, harness_attack
 from bench.models.classifiers import ClassifierSource
 from bench.models.parts import part_fingerprints
 from common.checks import (
@@ -61,8 +60,9 @@ VIEW_KEY = "view"
 # The key that caps the images an attack runs on (the first ones of those it must see): a
 # black-box check sized to what it is for (gradient masking), not to the subset.
 IMAGES_KEY = "max_images"
-# The harness's PGD, the attack the escalation strengthens.
-PGDEOT_TARGET = "attacks.pgd_eot.PGDEOT"
+# The harness's own attacks, one of which the escalation strengthens: PGDEOT, or StAdv under a
+# flow threat.
+LEAD_TARGETS = tuple(f"{cls.__module__}.{cls.__qualname__}" for cls in HARNESS_ATTACKS)
 
 
 @dataclass(frozen=True)
@@ -337,6 +337,12 @@ def attack_of(
             "their norm from the threat (norm: ${threat.norm})"
         )
     make = attack_partial(node, name)
+    allowed = norms_of(make)  # declared by the class: refused before it is even built
+    if norm not in allowed:
+        raise ConfigError(
+            f"attack {name!r} ({node._target_}) does not support threat norm {norm!r}; "
+            f"allowed threats: {', '.join(allowed)}"
+        )
     try:  # constructors validate their arguments: bind to a stand-in model to run them now
         probe = make(model=_Probe())
     except (TypeError, ValueError) as err:
@@ -376,16 +382,18 @@ def _lead_rank(spec: AttackPlan) -> tuple[bool, bool, bool, int]:
 
 
 def lead_of(cfg: DictConfig, attacks: Mapping[str, AttackPlan], defense: Defense) -> Lead | None:
-    """The suite's lead white-box attack: the harness's PGD that sees the defense best.
+    """The suite's lead white-box attack: the harness's own attack that sees the defense best.
 
-    A suite without one escalates the harness's PGD (CE then margin) on the default view.
+    The harness's attacks are PGDEOT and, under a flow threat, StAdv. A suite without one
+    escalates the threat's (:func:`bench.engine.threat.harness_attack`, CE then margin) on the
+    default view.
     """
     if not attacks:
         return None
     candidates = [
         n
         for n, a in attacks.items()
-        if a.target == PGDEOT_TARGET and a.kind == "white-box" and a.view.grad != "transfer"
+        if a.target in LEAD_TARGETS and a.kind == "white-box" and a.view.grad != "transfer"
     ]
     if candidates:
         name = min(candidates, key=lambda n: _lead_rank(attacks[n]))
@@ -395,8 +403,9 @@ def lead_of(cfg: DictConfig, attacks: Mapping[str, AttackPlan], defense: Defense
         info = type(defense).info
         grad = "exact" if info.differentiable else "bpda"
         eot = int(cfg.eot_default) if info.stochastic else 1
+        cls = harness_attack(cfg.threat.norm)
         make = functools.partial(
-            PGDEOT,
+            cls,
             norm=cfg.threat.norm,
             eps=cfg.threat.eps,
             steps=20,
@@ -407,8 +416,8 @@ def lead_of(cfg: DictConfig, attacks: Mapping[str, AttackPlan], defense: Defense
         spec = AttackPlan(
             make=make,
             view=ViewOptions(grad=grad, eot_samples=eot),
-            traits=traits(PGDEOT, "pgd"),
-            target=PGDEOT_TARGET,
+            traits=traits(cls, "pgd"),
+            target=f"{cls.__module__}.{cls.__qualname__}",
         )
     return Lead(name, spec, base_budget(spec.make.keywords, int(spec.view.eot_samples or 1)))
 
