@@ -7,7 +7,7 @@ PUREBENCH := $(VENV)/bin/purebench
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install data bench test test-full lint leaderboard clean perf browser
+.PHONY: help install data bench test test-full lint leaderboard clean perf browser gpu-check
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## .*$$' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -39,6 +39,12 @@ bench: data ## train what is missing, evaluate every defense on Fashion-MNIST (q
 
 perf: $(STAMP) ## benchmark the evaluation engine on Fashion-MNIST (results/perf.md, results/perf.json)
 	$(PY) -m bench.tools.perf
+
+# Needs CUDA (without it: one line, exit status 2, before any work); sized for 8 minutes on one GPU.
+# GPU_CHECK_ARGS passes options on, e.g. GPU_CHECK_ARGS="--device cpu --tiny" tests the steps.
+GPU_CHECK_ARGS ?=
+gpu-check: $(STAMP) ## on a GPU: pytest -m gpu, bf16 / channels-last / compile vs fp32, a paper row (results/gpu.md)
+	$(PY) -m bench.tools.gpu_check $(GPU_CHECK_ARGS)
 
 leaderboard: $(STAMP) ## rebuild results/leaderboard.{md,csv,html} from make bench's records (results/bench)
 	$(PUREBENCH) leaderboard results/bench --out results
