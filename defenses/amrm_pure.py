@@ -4,7 +4,10 @@ Dou, Gao, Cui, Wang, Zhao, Zhang, Yan, Xie & Zhang, "AMRM-Pure" (OpenReview KmHe
 https://arxiv.org/abs/2607.04474; earlier "MAE-Pure", OpenReview 8mFVIRTr7I). This file holds the
 masked autoencoder (:class:`MAE`, a ViT on image patches), its pre-training (:func:`train_mae`),
 the robust fine-tuning of the R-variant (:func:`finetune_ramrm`) and the defense
-(:class:`AMRMPure`). The MaskDiT instantiation is not implemented.
+(:class:`AMRMPure`). The MaskDiT instantiation lives in :mod:`defenses.maskdit`: its network
+plugs into the same purification loop and fine-tuning through the masked-reconstruction
+interface the :class:`MAE` defines (``num_patches``, ``draw``, ``loss``, ``reconstruct``,
+``visible_count``).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ _TINY = 1e-12
 # -- the masked autoencoder -------------------------------------------------------------------
 
 
-def _sincos_2d(grid_h: int, grid_w: int, dim: int) -> Tensor:
+def sincos_2d(grid_h: int, grid_w: int, dim: int) -> Tensor:
     """Fixed 2D sine-cosine position embedding ``(grid_h * grid_w, dim)``, as in MAE."""
     if dim % 4:
         raise ConfigError(f"embedding width={dim} must be a multiple of 4 (2D sine-cosine)")
@@ -146,9 +149,9 @@ class MAE(nn.Module):
         self.decoder_norm = nn.LayerNorm(decoder_width)
         self.head = nn.Linear(decoder_width, patch_dim)
         # Fixed, derived from the shape: not state to save.
-        self.register_buffer("pos", _sincos_2d(*self.grid, width)[None], persistent=False)
+        self.register_buffer("pos", sincos_2d(*self.grid, width)[None], persistent=False)
         self.register_buffer(
-            "decoder_pos", _sincos_2d(*self.grid, decoder_width)[None], persistent=False
+            "decoder_pos", sincos_2d(*self.grid, decoder_width)[None], persistent=False
         )
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(_init_weights)
@@ -179,6 +182,17 @@ class MAE(nn.Module):
                 "patch_size)"
             )
         return keep
+
+    def draw(self, count: int, generator: torch.Generator, device: torch.device) -> Tensor:
+        """The randomness of ``count`` masked losses: uniform mask ranks ``(count, L)``.
+
+        Drawn on the generator's device and moved to ``device``; one row per image is the
+        ``noise`` argument of :meth:`loss`, :meth:`forward` and :meth:`reconstruct`. Every
+        reconstructor that :class:`AMRMPure` and :func:`finetune_ramrm` accept draws its
+        randomness this way (:class:`defenses.maskdit.MaskDiTReconstructor` adds the diffusion
+        noise to each row).
+        """
+        return _draw_noise(count, self.num_patches, generator, device)
 
     # -- the network ---------------------------------------------------------------------------
 
@@ -302,7 +316,7 @@ def train_mae(
     for step in progress:
         idx = torch.randint(len(x), (batch_size,), generator=rng)
         xb = x[idx].to(ctx.device)
-        noise = _draw_noise(len(xb), net.num_patches, masks, ctx.device)
+        noise = net.draw(len(xb), masks, ctx.device)
         ratio = mask_ratio + mask_ratio_spread * (2 * float(torch.rand((), generator=masks)) - 1)
         loss = net.loss(xb, noise, ratio).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -336,18 +350,18 @@ def train_mae(
 
 
 @torch.no_grad()
-def _held_out_mse(net: MAE, x: Tensor, ctx: PartContext, mask_ratio: float) -> float:
+def _held_out_mse(net: nn.Module, x: Tensor, ctx: PartContext, mask_ratio: float) -> float:
     g = torch.Generator().manual_seed(seeds.training(ctx.seed, seeds.Stream.HELD_OUT))
     total = 0.0
     for i in range(0, len(x), 256):
         xb = x[i : i + 256].to(ctx.device)
-        noise = _draw_noise(len(xb), net.num_patches, g, ctx.device)
+        noise = net.draw(len(xb), g, ctx.device)
         total += net.loss(xb, noise, mask_ratio).sum().item()
     return total / max(len(x), 1)
 
 
 def finetune_ramrm(
-    net: MAE,
+    net: nn.Module,
     ctx: PartContext,
     *,
     steps: int = 160,
@@ -363,6 +377,10 @@ def finetune_ramrm(
     eval_samples: int = 500,
 ) -> dict[str, Any]:
     r"""RAMRM-Pure's robust fine-tuning of a pre-trained MAE against the frozen classifier.
+
+    ``net`` is an :class:`MAE` or any module with its masked-reconstruction interface
+    (``draw``, ``loss``, ``reconstruct``, ``visible_count``), such as the MaskDiT at a fixed
+    noise level (:func:`defenses.maskdit.finetune_ramrm_maskdit`).
 
     Our reading of the paper's App. F.1, whose formulas are not legible (see
     docs/defenses/amrm_pure.md): Stage I adds Gaussian noise (std ``noise_std``) to training
@@ -433,7 +451,7 @@ class _Recipe:
 
 
 def _check_finetune(
-    net: MAE,
+    net: nn.Module,
     ctx: PartContext,
     recipe: _Recipe,
     steps: int,
@@ -462,7 +480,7 @@ def _check_finetune(
 
 
 def _finetune_step(
-    net: MAE,
+    net: nn.Module,
     classifier: nn.Module,
     optimizer: torch.optim.Optimizer,
     x: Tensor,
@@ -479,9 +497,9 @@ def _finetune_step(
     x_adv = _attack_recon(net, classifier, noisy, y, ratio, recipe.eps, recipe.attack_steps, draws)
     # Stage II.
     net.train()
-    noise = _draw_noise(len(x), net.num_patches, draws, x.device)
+    noise = net.draw(len(x), draws, x.device)
     ce = F.cross_entropy(classifier(net.reconstruct(x_adv, noise, ratio)), y)
-    noise = _draw_noise(len(x), net.num_patches, draws, x.device)
+    noise = net.draw(len(x), draws, x.device)
     rec = net.loss(x, noise, ratio).mean()
     loss = ce + recipe.mae_weight * rec
     optimizer.zero_grad(set_to_none=True)
@@ -492,7 +510,7 @@ def _finetune_step(
 
 
 def _attack_recon(
-    net: MAE,
+    net: nn.Module,
     classifier: nn.Module,
     x: Tensor,
     y: Tensor,
@@ -507,7 +525,7 @@ def _attack_recon(
     x_adv = (x + start).clamp(0, 1)
     for _ in range(steps):
         x_adv = x_adv.detach().requires_grad_(True)
-        noise = _draw_noise(len(x), net.num_patches, draws, x.device)
+        noise = net.draw(len(x), draws, x.device)
         with torch.enable_grad():
             loss = F.cross_entropy(classifier(net.reconstruct(x_adv, noise, mask_ratio)), y)
             (grad,) = torch.autograd.grad(loss, x_adv)
@@ -517,7 +535,7 @@ def _attack_recon(
 
 
 def _recon_accuracy(
-    net: MAE,
+    net: nn.Module,
     classifier: nn.Module,
     x: Tensor,
     y: Tensor,
@@ -533,7 +551,7 @@ def _recon_accuracy(
         xb, yb = x[i : i + 250], y[i : i + 250]
         x_adv = _attack_recon(net, classifier, xb, yb, mask_ratio, eps, steps, draws)
         for name, batch in (("clean", xb), ("adv", x_adv)):
-            noise = _draw_noise(len(xb), net.num_patches, draws, x.device)
+            noise = net.draw(len(xb), draws, x.device)
             with torch.no_grad():
                 pred = classifier(net.reconstruct(batch, noise, mask_ratio)).argmax(1)
             hits[name] += int((pred == yb).sum())
@@ -560,6 +578,13 @@ class AMRMPure(Defense):
     docs/defenses/amrm_pure.md). RAMRM-Pure is the same
     loop on a robustly fine-tuned MAE (:func:`finetune_ramrm`; ``conf/defense/ramrm_pure.yaml``).
 
+    The reconstructor is pluggable: any module with the :class:`MAE`'s masked-reconstruction
+    interface (``draw(count, generator, device)`` for the randomness of one loss per image,
+    ``loss(x, noise, mask_ratio)`` per image) runs in the same loop. AMRM-Pure with MaskDiT
+    passes a :class:`defenses.maskdit.MaskDiTReconstructor`, whose loss is MaskDiT's own
+    training loss at a fixed diffusion noise level, with fresh diffusion noise per step
+    (``conf/defense/amrm_pure_maskdit.yaml``).
+
     Properties: stochastic (masks from ``generator``), differentiable, iterative. ``sign`` has a
     zero derivative, so the exact Jacobian of the loop is the identity almost everywhere (apart
     from where the Linf ball or [0, 1] clips): exact gradients equal BPDA-identity. The loop
@@ -575,7 +600,8 @@ class AMRMPure(Defense):
     reconstruction loss averaged over ``attack_masks`` fixed masks (defense-aware attacks).
 
     Arguments:
-        mae (MAE): the masked autoencoder (frozen in evaluation).
+        mae (nn.Module): the masked reconstructor (frozen in evaluation): an :class:`MAE`, or
+            a :class:`defenses.maskdit.MaskDiTReconstructor`.
         steps (int): ``S``, signed descent steps; one MAE forward + backward each. (Default: 30)
         step_size (float): ``lambda`` in [0, 1] pixel units. (Default: 2/255)
         halve_step (bool): halve ``lambda`` after ``S // 2`` steps. (Default: True)
@@ -660,7 +686,7 @@ class AMRMPure(Defense):
     # -- the objective -------------------------------------------------------------------------
 
     def reconstruction_loss(self, x: Tensor, noise: Tensor) -> Tensor:
-        """Masked reconstruction loss per image ``(N,)`` for the mask ranks ``noise (N, L)``."""
+        """Masked reconstruction loss per image ``(N,)`` for the draws ``noise`` (``mae.draw``)."""
         return self.mae.loss(x, noise, self.mask_ratio)
 
     def attack_loss(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
@@ -674,8 +700,8 @@ class AMRMPure(Defense):
         """
         # The seed of the fixed attack masks: the same set for every call, batch and device.
         gen = torch.Generator().manual_seed(self.attack_seed)
-        noise = torch.rand(self.attack_masks, len(x), self.mae.num_patches, generator=gen)
-        noise = noise.to(x.device)
+        noise = self.mae.draw(self.attack_masks * len(x), gen, x.device)
+        noise = noise.view(self.attack_masks, len(x), -1)
         losses = [self.reconstruction_loss(x, noise[k]) for k in range(self.attack_masks)]
         return -torch.stack(losses).mean(0)
 
@@ -698,9 +724,8 @@ class AMRMPure(Defense):
         with inner_autograd(x0) as (x0, exact):
             # All masks first, so that purify and surrogate see the same masks for one
             # generator state, whatever the steps compute.
-            noise = _draw_noise(
-                self.steps * len(x0), self.mae.num_patches, generator, x0.device
-            ).view(self.steps, len(x0), -1)
+            noise = self.mae.draw(self.steps * len(x0), generator, x0.device)
+            noise = noise.view(self.steps, len(x0), -1)
             x = x0
             # Without second-order terms a step's graph is a few elementwise ops: nothing to save.
             checkpointed = exact and self.checkpoint and (smooth or self.second_order)
