@@ -198,6 +198,9 @@ def test_a_swapped_in_defense_is_named_by_its_class_or_by_name(
     cfg = compose_cfg([*fast_overrides(cache_dir, tmp_path), "defense._target_=tests.planted.Blur"])
     assert defense_name(cfg, "none") == "Blur"
     assert defense_name(compose_cfg(["defense=diffpure"]), "diffpure") == "diffpure"
+    # Options that extend another (defaults: [atop]) keep their own name, not the class's.
+    for option in ("atop_pretrained", "atop_rt3", "ramrm_pure", "carso_mean", "carso_vote"):
+        assert defense_name(compose_cfg([f"defense={option}"]), option) == option
     with open_dict(cfg):
         cfg.name = "my blur"
     assert defense_name(cfg, "none") == "my blur"

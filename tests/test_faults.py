@@ -422,6 +422,19 @@ def test_a_sweep_outside_the_results_dir_builds_from_its_own_records(tmp_path: P
     assert sorted(board["classifier"]) == ["new", "old"]
 
 
+def test_a_relative_sweep_dir_reports_no_failed_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """make bench's sweep dir is relative: its completed jobs are not reported as failed."""
+    monkeypatch.chdir(tmp_path)
+    sweep = Path("results") / "bench" / "standard"
+    write_record(make_record(classifier="a"), _job(sweep, "classifier=a"))
+    caplog.set_level(logging.INFO, logger="bench.reporting.callbacks")
+    LeaderboardCallback(records="results", out="results").on_multirun_end(_sweep_config(sweep))
+    assert not [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "this sweep: 1 records, 0 failed jobs" in caplog.text
+
+
 def test_sweep_summary_counts_jobs_that_wrote_no_record(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -186,9 +186,26 @@ def defense_name(cfg: DictConfig, choice: str | None, conf_dir: str = CONF_DIR) 
     target = str(cfg.defense.get("_target_", ""))
     option = Path(conf_dir) / "defense" / f"{choice}.yaml"
     # An option from another config dir (a user's searchpath) is taken at its word.
-    if choice and (not option.is_file() or OmegaConf.load(option).get("_target_") == target):
+    if choice and (not option.is_file() or declared_target(option) == target):
         return str(choice)
     return target.rsplit(".", 1)[-1] or str(choice)
+
+
+def declared_target(option: Path) -> str | None:
+    """The ``_target_`` a defense option declares, itself or through the options it extends.
+
+    ``atop_pretrained.yaml`` names no target: it extends ``atop`` (``defaults: [atop]``), whose
+    target it builds. The last target on the defaults list wins, as in Hydra's merge.
+    """
+    node = OmegaConf.load(option)
+    if node.get("_target_"):
+        return str(node._target_)
+    found = None
+    for entry in node.get("defaults") or []:
+        parent = option.with_name(f"{entry}.yaml") if isinstance(entry, str) else None
+        if parent is not None and parent.is_file():
+            found = declared_target(parent) or found
+    return found
 
 
 def check_keys(cfg: DictConfig) -> None:

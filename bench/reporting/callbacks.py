@@ -39,7 +39,8 @@ def failed_jobs(
     records = collect_records(sweep_dir) if records is None else records
     failed = [(path.parent, str(r.error)) for path, r in records if r.status != "completed"]
     recorded = {path.parent for path, _ in records}
-    jobs = {p.parent for p in Path(sweep_dir).rglob(".hydra") if p.is_dir()}
+    # Resolved as collect_records resolves: a relative sweep dir (make bench's) must match.
+    jobs = {p.parent.resolve() for p in Path(sweep_dir).rglob(".hydra") if p.is_dir()}
     failed += [(job, _log_reason(job, task_name)) for job in jobs - recorded]
     return sorted(failed, key=lambda item: item[0])
 
