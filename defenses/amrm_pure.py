@@ -89,7 +89,55 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class MAE(nn.Module):
+class PatchGrid(nn.Module):
+    """Images as a grid of square patches: the token layout the MAE and MaskDiT share.
+
+    Args:
+        in_channels: image channels ``C``.
+        image_size: ``(H, W)``; ``patch_size`` must divide both.
+        patch_size: side ``p`` of a patch; ``L = (H / p) (W / p)`` tokens.
+    """
+
+    def __init__(self, in_channels: int, image_size: tuple[int, int], patch_size: int) -> None:
+        super().__init__()
+        h, w = image_size
+        positive_int("patch_size", patch_size)
+        if h % patch_size or w % patch_size:
+            raise ConfigError(
+                f"patch_size={patch_size} must divide the image size {h}x{w} (e.g. 2 or 4 for "
+                "8x8 digits, 4 or 7 for 28x28, 4 for 32x32)"
+            )
+        self.in_channels, self.image_size, self.patch_size = in_channels, (h, w), patch_size
+        self.grid = (h // patch_size, w // patch_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+
+    def patchify(self, x: Tensor) -> Tensor:
+        """``(N, C, H, W) -> (N, L, C p p)``, row-major over the patch grid."""
+        n, c = x.shape[:2]
+        p, (gh, gw) = self.patch_size, self.grid
+        return x.reshape(n, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, -1)
+
+    def unpatchify(self, patches: Tensor) -> Tensor:
+        """``(N, L, C p p) -> (N, C, H, W)``, the inverse of :meth:`patchify`."""
+        n = patches.shape[0]
+        p, (gh, gw), c = self.patch_size, self.grid, self.in_channels
+        x = patches.reshape(n, gh, gw, c, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(n, c, gh * p, gw * p)
+
+    def visible_count(self, mask_ratio: float) -> int:
+        """Patches left visible at ``mask_ratio``; raises unless 1 <= it < ``L``."""
+        keep = int(round(self.num_patches * (1 - mask_ratio)))
+        if not 1 <= keep < self.num_patches:
+            raise ConfigError(
+                f"mask_ratio={mask_ratio!r} leaves {keep} of {self.num_patches} patches visible; "
+                "at least one patch must be masked and one visible (choose a ratio in "
+                f"[{1 / self.num_patches:.3g}, {1 - 1 / self.num_patches:.3g}] or a smaller "
+                "patch_size)"
+            )
+        return keep
+
+
+class MAE(PatchGrid):
     """Masked autoencoder on ViT patches (He et al., CVPR 2022), without the class token.
 
     The encoder sees only the visible patches; the decoder gets the encoded visible tokens plus a
@@ -124,19 +172,9 @@ class MAE(nn.Module):
         decoder_heads: int = 4,
         mlp_ratio: float = 2.0,
     ) -> None:
-        super().__init__()
-        h, w = image_size
-        positive_int("patch_size", patch_size)
-        if h % patch_size or w % patch_size:
-            raise ConfigError(
-                f"patch_size={patch_size} must divide the image size {h}x{w} (e.g. 2 or 4 for "
-                "8x8 digits, 4 or 7 for 28x28, 4 for 32x32)"
-            )
+        super().__init__(in_channels, image_size, patch_size)
         positive_int("depth", depth)
         positive_int("decoder_depth", decoder_depth)
-        self.in_channels, self.patch_size = in_channels, patch_size
-        self.grid = (h // patch_size, w // patch_size)
-        self.num_patches = self.grid[0] * self.grid[1]
         patch_dim = in_channels * patch_size**2
         self.embed = nn.Linear(patch_dim, width)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
@@ -155,33 +193,6 @@ class MAE(nn.Module):
         )
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(_init_weights)
-
-    # -- patches -------------------------------------------------------------------------------
-
-    def patchify(self, x: Tensor) -> Tensor:
-        """``(N, C, H, W) -> (N, L, C p p)``, row-major over the patch grid."""
-        n, c = x.shape[:2]
-        p, (gh, gw) = self.patch_size, self.grid
-        return x.reshape(n, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, -1)
-
-    def unpatchify(self, patches: Tensor) -> Tensor:
-        """``(N, L, C p p) -> (N, C, H, W)``, the inverse of :meth:`patchify`."""
-        n = patches.shape[0]
-        p, (gh, gw), c = self.patch_size, self.grid, self.in_channels
-        x = patches.reshape(n, gh, gw, c, p, p).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(n, c, gh * p, gw * p)
-
-    def visible_count(self, mask_ratio: float) -> int:
-        """Patches left visible at ``mask_ratio``; raises unless 1 <= it < ``L``."""
-        keep = int(round(self.num_patches * (1 - mask_ratio)))
-        if not 1 <= keep < self.num_patches:
-            raise ConfigError(
-                f"mask_ratio={mask_ratio!r} leaves {keep} of {self.num_patches} patches visible; "
-                "at least one patch must be masked and one visible (choose a ratio in "
-                f"[{1 / self.num_patches:.3g}, {1 - 1 / self.num_patches:.3g}] or a smaller "
-                "patch_size)"
-            )
-        return keep
 
     def draw(self, count: int, generator: torch.Generator, device: torch.device) -> Tensor:
         """The randomness of ``count`` masked losses: uniform mask ranks ``(count, L)``.

@@ -26,7 +26,7 @@ from common import seeds
 from common.checks import optional_positive_int, positive_int, real
 from common.errors import ConfigError
 from common.progress import TrainingProgress
-from defenses.amrm_pure import finetune_ramrm, sincos_2d
+from defenses.amrm_pure import PatchGrid, finetune_ramrm, sincos_2d
 from defenses.base import PartContext
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class NoiseEmbedding(nn.Module):
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=1))
 
 
-class MaskDiT(nn.Module):
+class MaskDiT(PatchGrid):
     """A small masked diffusion transformer (MaskDiT, Zheng et al., TMLR 2024), unconditional.
 
     EDM's denoiser (Karras et al., https://arxiv.org/abs/2206.00364) on images in [-1, 1]:
@@ -157,20 +157,10 @@ class MaskDiT(nn.Module):
         mlp_ratio: float = 2.0,
         sigma_data: float = 0.5,
     ) -> None:
-        super().__init__()
-        h, w = image_size
-        positive_int("patch_size", patch_size)
-        if h % patch_size or w % patch_size:
-            raise ConfigError(
-                f"patch_size={patch_size} must divide the image size {h}x{w} (e.g. 2 or 4 for "
-                "8x8 digits, 4 or 7 for 28x28, 4 for 32x32)"
-            )
+        super().__init__(in_channels, image_size, patch_size)
         positive_int("depth", depth)
         positive_int("decoder_depth", decoder_depth)
         self.sigma_data = real("sigma_data", sigma_data, "> 0", lambda v: v > 0)
-        self.in_channels, self.image_size, self.patch_size = in_channels, (h, w), patch_size
-        self.grid = (h // patch_size, w // patch_size)
-        self.num_patches = self.grid[0] * self.grid[1]
         patch_dim = in_channels * patch_size**2
         self.embed = nn.Linear(patch_dim, width)
         self.noise_embed = NoiseEmbedding(width)
@@ -203,31 +193,6 @@ class MaskDiT(nn.Module):
         nn.init.zeros_(self.head.linear.bias)
 
     # -- patches, masks, preconditioning ---------------------------------------------------------
-
-    def patchify(self, x: Tensor) -> Tensor:
-        """``(N, C, H, W) -> (N, L, C p p)``, row-major over the patch grid."""
-        n, c = x.shape[:2]
-        p, (gh, gw) = self.patch_size, self.grid
-        return x.reshape(n, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, -1)
-
-    def unpatchify(self, patches: Tensor) -> Tensor:
-        """``(N, L, C p p) -> (N, C, H, W)``, the inverse of :meth:`patchify`."""
-        n = patches.shape[0]
-        p, (gh, gw), c = self.patch_size, self.grid, self.in_channels
-        x = patches.reshape(n, gh, gw, c, p, p).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(n, c, gh * p, gw * p)
-
-    def visible_count(self, mask_ratio: float) -> int:
-        """Patches left visible at ``mask_ratio``; raises unless 1 <= it < ``L``."""
-        keep = int(round(self.num_patches * (1 - mask_ratio)))
-        if not 1 <= keep < self.num_patches:
-            raise ConfigError(
-                f"mask_ratio={mask_ratio!r} leaves {keep} of {self.num_patches} patches visible; "
-                "at least one patch must be masked and one visible (choose a ratio in "
-                f"[{1 / self.num_patches:.3g}, {1 - 1 / self.num_patches:.3g}] or a smaller "
-                "patch_size)"
-            )
-        return keep
 
     def precondition(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """EDM's ``(c_skip, c_out, c_in, c_noise)`` for noise levels ``sigma`` ``(N,)``."""
