@@ -14,6 +14,7 @@ import logging
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -73,20 +74,20 @@ def _tiny(cache_dir: Path, results_dir: Path, items: str) -> list[str]:
     ]
 
 
-def _ratios(obj: object) -> list[float]:
-    """Every value under a key starting with 'ratio' (or named speedup/exponent), recursively."""
-    found = []
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            if isinstance(value, int | float) and (
-                key.startswith("ratio") or key in ("exponent", "one_call_vs_k_calls")
-            ):
-                found.append(float(value))
-            else:
-                found += _ratios(value)
-    elif isinstance(obj, list):
-        for value in obj:
-            found += _ratios(value)
+def _ratios(
+    obj: object, keys: tuple[str, ...] = ("ratio", "one_call_vs_k_calls"), path: str = ""
+) -> dict[str, float]:
+    """Every number under a key starting with one of ``keys``, recursively, by its path."""
+    found: dict[str, float] = {}
+    items: Any = obj.items() if isinstance(obj, dict) else ()
+    if isinstance(obj, list):
+        items = enumerate(obj)
+    for key, value in items:
+        where = f"{path}/{key}"
+        if isinstance(value, int | float) and str(key).startswith(keys):
+            found[where] = float(value)
+        else:
+            found |= _ratios(value, keys, where)
     return found
 
 
@@ -102,7 +103,11 @@ def test_perf_runs_every_cheap_item_at_a_tiny_budget(
         assert item in result and result[item]["item_wall_s"] > 0
     ratios = _ratios(result)
     assert len(ratios) >= 10
-    assert all(math.isfinite(r) and r > 0 for r in ratios), ratios
+    assert all(math.isfinite(r) and r > 0 for r in ratios.values()), ratios
+    # A slope fitted to two tiny timings can come out at or below zero (at batch 16, n=8 and n=16
+    # are both one batch; CI once timed n=16 faster): only its finiteness is the code's to keep.
+    exponents = _ratios(result, ("exponent",))
+    assert len(exponents) >= 2 and all(math.isfinite(e) for e in exponents.values()), exponents
 
     chunk = result["chunk"]
     assert set(chunk["pass_ms"]) == {"1", "2"} and chunk["auto_chunk"] == 1
