@@ -543,6 +543,8 @@ def test_every_row_has_a_detail_page_linked_from_the_main_table(tmp_path: Path) 
     assert "<td>0 of 0</td>" in text  # gradient failures of all gradients taken
     assert "level 1 changed the single accuracy" in text and "ouch" in text and "FAIL" in text
     assert "diagnostics_s" in text and 'href="../../runs/pur/record.json"' in text
+    # No absolute path of the building machine on a page that gets committed.
+    assert "(../../runs/pur/record.json)" in text and str(tmp_path) not in text
     # A row that disappears takes its page with it.
     (tmp_path / "runs" / "pur" / "record.json").unlink()
     write_leaderboard(tmp_path / "runs", tmp_path / "out")

@@ -174,7 +174,11 @@ def cost(record: RunRecord) -> str:
 
 
 def links(paths: list[str], page: Path) -> str:
-    """Relative links from the page to each record and its Hydra config."""
+    """Relative links from the page to each record and its Hydra config.
+
+    The text shows the same relative path, not the absolute one: a committed page must not name
+    the directory of the machine that built it.
+    """
     items = []
     for p in paths:
         record = Path(p)
@@ -185,7 +189,7 @@ def links(paths: list[str], page: Path) -> str:
             if target.exists():
                 rel = os.path.relpath(target, page.parent)
                 items.append(
-                    f'<a href="{html.escape(rel)}">{label}</a> ({html.escape(str(target))})'
+                    f'<a href="{html.escape(rel)}">{label}</a> ({html.escape(rel)})'
                 )
     return "<p>" + "<br>".join(items) + "</p>" if items else ""
 
