@@ -188,9 +188,7 @@ def links(paths: list[str], page: Path) -> str:
         ):
             if target.exists():
                 rel = os.path.relpath(target, page.parent)
-                items.append(
-                    f'<a href="{html.escape(rel)}">{label}</a> ({html.escape(rel)})'
-                )
+                items.append(f'<a href="{html.escape(rel)}">{label}</a> ({html.escape(rel)})')
     return "<p>" + "<br>".join(items) + "</p>" if items else ""
 
 
