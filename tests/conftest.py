@@ -37,9 +37,6 @@ def fast_overrides(cache_dir: Path, results_dir: Path) -> list[str]:
     """Overrides for a seconds-long run on scikit-learn's digits."""
     return [
         "dataset=digits",
-        # The split every threshold of the tests was set on (the default is 512 test images, so
-        # that the default n_samples fits; docs/datasets.md).
-        "dataset.test_size=500",
         "suite=smoke",
         "n_samples=64",
         "batch_size=64",

@@ -95,7 +95,7 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     [
         ("threat.eps=-1", "threat.eps=-1", "> 0"),
         ("dataset=imagenet21k", "dataset=imagenet21k", "fashion_mnist"),
-        ("n_samples=5000", "n_samples=5000", "allowed: 1..512"),
+        ("n_samples=5000", "n_samples=5000", "allowed: 1..500"),
         ("n_samples=-1", "n_samples=-1", "positive integer"),
         ("threat.eps=foo", "threat.eps='foo'", "finite number"),
         ("seed=1.5", "seed=1.5", "integer >= 0"),

@@ -110,7 +110,6 @@ def _checkpoint_overrides(path: Path, out: Path) -> list[str]:
     """A digits run on a SmallCNN loaded from ``path`` (no training)."""
     return [
         "dataset=digits",
-        "dataset.test_size=500",  # the split of the tests' thresholds (tests/conftest.py)
         "suite=smoke",
         "n_samples=32",
         "batch_size=32",
