@@ -444,7 +444,7 @@ def _load_digits(test_size: int, split_seed: int, train: bool) -> tuple[Tensor, 
     return images.contiguous(), torch.from_numpy(y).to(torch.int64)
 
 
-def digits(test_size: int = 512, split_seed: int = 0) -> ImageDataset:
+def digits(test_size: int = 500, split_seed: int = 0) -> ImageDataset:
     """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), for fast tests.
 
     It ships inside scikit-learn, so it needs no files and no network. Train and test come from
