@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,6 +67,8 @@ class ImageDataset:
         _take: Optional; reads only the images at some indices of a split: called with `train`
             and an int64 index tensor, returns `(images, labels)` in the order of the indices.
         _count: Optional; the number of images of a split, without reading any image.
+        split_args: The arguments that decide which images are train and which test (digits'
+            `test_size` and `split_seed`); empty where the dataset's files fix the split.
 
     Example:
         >>> ds = digits()
@@ -78,7 +81,22 @@ class ImageDataset:
     _load: Callable[[bool], tuple[Tensor, Tensor]] = field(repr=False)
     _take: Callable[[bool, Tensor], tuple[Tensor, Tensor]] | None = field(default=None, repr=False)
     _count: Callable[[bool], int] | None = field(default=None, repr=False)
+    split_args: dict[str, Any] = field(default_factory=dict)
     _cache: dict[bool, tuple[Tensor, Tensor]] = field(default_factory=dict, init=False, repr=False)
+
+    def identity(self, *, num_classes: bool = False) -> dict[str, Any]:
+        """What a network trained on this dataset depends on: the part of a cache key it gives.
+
+        The split arguments are included only where they exist, so that the keys of datasets
+        with a fixed split stay as they were; where they exist a network trained on one split is
+        never reused on another (its training set would hold test images of the other).
+        """
+        out: dict[str, Any] = {"name": self.name, "shape": list(self.shape)}
+        if num_classes:
+            out["num_classes"] = self.num_classes
+        if self.split_args:
+            out["split"] = dict(self.split_args)
+        return out
 
     def _split(self, train: bool) -> tuple[Tensor, Tensor]:
         if train not in self._cache:
@@ -471,6 +489,7 @@ def digits(test_size: int = 500, split_seed: int = 0) -> ImageDataset:
         num_classes=_DIGITS_CLASSES,
         shape=(1, 8, 8),
         _load=partial(_load_digits, test_size, split_seed),
+        split_args={"test_size": test_size, "split_seed": split_seed},
     )
 
 

@@ -102,3 +102,24 @@ def test_min_steps_keeps_the_cache_key_of_a_training_it_does_not_change() -> Non
     # 1297 digits images at batch 128: 11 steps an epoch, 66 in 6 epochs.
     assert key(replace(base, min_steps=50)) == key(base)  # inert: the old entry stays valid
     assert key(replace(base, min_steps=200)) == key(replace(base, epochs=19))
+
+
+def test_a_network_trained_on_one_digits_split_is_never_reused_on_another() -> None:
+    """The split's arguments are in the cache key (a network trained on one split has seen test
+    images of another); datasets whose files fix the split keep the key they always had."""
+    from bench.data import ImageDataset, digits
+    from bench.models.architectures import SmallCNN
+    from bench.models.training import classifier_entry
+
+    recipe, root = Recipe(epochs=6, batch_size=128), Path("unused")
+    keys = {
+        (size, seed): classifier_entry(SmallCNN, recipe, 0, digits(size, seed), root).key
+        for size, seed in [(500, 0), (400, 0), (500, 1)]
+    }
+    assert len(set(keys.values())) == 3, keys
+    fixed = ImageDataset(name="fixed", num_classes=10, shape=(1, 8, 8), _load=lambda train: None)
+    assert fixed.identity(num_classes=True) == {
+        "name": "fixed",
+        "shape": [1, 8, 8],
+        "num_classes": 10,
+    }

@@ -95,7 +95,7 @@ class TrainedPart(nn.Module):
             "arch": self.arch,
             "train": self.train_fn,
             "seed": self.seed,
-            "dataset": {"name": dataset.name, "shape": list(dataset.shape)},
+            "dataset": dataset.identity(),
             "init": self.init.spec(dataset, classifier_info) if self.init else None,
         }
         if self.uses_classifier:

@@ -202,7 +202,7 @@ class TrainedScoreNet(ScoreNet):
             "recipe": self.recipe,
             "seed": self.seed,
             "sde": {"beta_min": self.sde.beta_min, "beta_max": self.sde.beta_max},
-            "dataset": {"name": dataset.name, "shape": list(dataset.shape)},
+            "dataset": dataset.identity(),
         }
         return Entry(self.cache_dir, f"{dataset.name}-score", spec)
 

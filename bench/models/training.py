@@ -243,11 +243,7 @@ def classifier_entry(
         "arch": arch,
         "recipe": recipe,
         "seed": seed,
-        "dataset": {
-            "name": dataset.name,
-            "shape": list(dataset.shape),
-            "num_classes": dataset.num_classes,
-        },
+        "dataset": dataset.identity(num_classes=True),
     }
     arch_name = getattr(arch, "func", arch).__name__
     return Entry(Path(root), f"{dataset.name}-{arch_name}", spec)
