@@ -531,7 +531,10 @@ def test_every_row_has_a_detail_page_linked_from_the_main_table(tmp_path: Path) 
             {"level": 1, "budget": {"steps": 20, "loss": ["ce"]}, "rules": {"single": 0.25}},
         ],
     }
-    r.diagnostics = {"checks": {"unbounded": {"passed": False, "value": 0.4, "detail": "ouch"}}}
+    r.diagnostics = {
+        "checks": {"unbounded": {"passed": False, "value": 0.4, "detail": "ouch"}},
+        "skipped": {"eps_monotone": "no reason to run it here"},
+    }
     r.cost = {"setup_s": 1.0, "attacks_s": 5.0, "diagnostics_s": 2.0}
     write_record(r, tmp_path / "runs" / "pur")
     out = write_leaderboard(tmp_path / "runs", tmp_path / "out")
@@ -542,6 +545,8 @@ def test_every_row_has_a_detail_page_linked_from_the_main_table(tmp_path: Path) 
     assert text.index("<td>pgd</td>") < text.index("<td>square</td>") < text.index("escalate@1")
     assert "<td>0 of 0</td>" in text  # gradient failures of all gradients taken
     assert "level 1 changed the single accuracy" in text and "ouch" in text and "FAIL" in text
+    # A skipped check is listed with its reason, not left out as if it had passed.
+    assert "<td>eps_monotone</td><td>skipped</td>" in text and "no reason to run it here" in text
     assert "diagnostics_s" in text and 'href="../../runs/pur/record.json"' in text
     # No absolute path of the building machine on a page that gets committed.
     assert "(../../runs/pur/record.json)" in text and str(tmp_path) not in text

@@ -145,13 +145,25 @@ def escalation(record: RunRecord) -> str:
 
 
 def diagnostics(record: RunRecord) -> str:
-    """Every check with its verdict, measured value and sentence."""
+    """Every check with its verdict, measured value and sentence; then the checks skipped.
+
+    A skipped check (for example the unbounded-eps probe, an Lp check, under the flow threat)
+    is listed with its reason: a reader must see that it did not run, not assume it passed.
+    """
     table = diagnostic_rows(record)
-    if table.empty:
+    skipped = (record.diagnostics or {}).get("skipped") or {}
+    if table.empty and not skipped:
         return "<p>No diagnostics were run.</p>"
-    classes = ["" if ok else "failed" for ok in table["passed"]]
-    table["passed"] = table["passed"].map(lambda ok: "pass" if ok else "FAIL")
-    return _table(["check", "result", "value", "detail"], _cells(table), classes)
+    rows: list[list[Any]] = []
+    classes: list[str] = []
+    if not table.empty:
+        classes = ["" if ok else "failed" for ok in table["passed"]]
+        table["passed"] = table["passed"].map(lambda ok: "pass" if ok else "FAIL")
+        rows = _cells(table)
+    for name, reason in skipped.items():
+        rows.append([name, "skipped", None, reason])
+        classes.append("")
+    return _table(["check", "result", "value", "detail"], rows, classes)
 
 
 def _cells(table: pd.DataFrame) -> list[list[Any]]:
